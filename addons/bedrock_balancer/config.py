@@ -1,0 +1,242 @@
+"""The balancer's configuration: YAML (option ``bedrock_config``) or a region list (``bedrock_regions``).
+
+Every problem is reported as :class:`ConfigError` naming the offending field
+(``targets[1].region: ...``), and unknown keys are errors: a typo must not silently change routing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from .classify import REGION
+
+STRATEGIES = ("round-robin", "least-outstanding")
+DEFAULT_STRATEGY = "round-robin"
+
+TOP_LEVEL_KEYS = {"strategy", "targets", "cross_geography", "timeouts"}
+TARGET_KEYS = {"region", "endpoint_url", "name", "weight", "profile", "role_arn", "models"}
+TIMEOUT_KEYS = {"connect_s", "read_s"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the field it concerns."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A place to send requests: a region, an endpoint there, and the credentials to sign with."""
+
+    name: str
+    region: str
+    endpoint_url: str
+    weight: int = 1
+    profile: str | None = None
+    role_arn: str | None = None
+    models: tuple[str, ...] | None = None
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.endpoint_url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.endpoint_url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.endpoint_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def host_header(self) -> str:
+        """The Host header (and signed ``host``) for this endpoint: the port only when not the default."""
+        return urlsplit(self.endpoint_url).netloc.rpartition("@")[2]
+
+    @property
+    def credentials_key(self) -> tuple[str | None, str | None]:
+        return (self.profile, self.role_arn)
+
+    def allows_model(self, model_id: str) -> bool:
+        if self.models is None:
+            return True
+        resource = model_id.rpartition("/")[2]
+        return any(fnmatch.fnmatchcase(model_id, p) or fnmatch.fnmatchcase(resource, p) for p in self.models)
+
+    def __str__(self) -> str:
+        return self.name if self.name == self.region else f"{self.name} ({self.region})"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 10.0
+    # Bedrock can think for minutes before a non-streaming answer; botocore's own default is 60 s.
+    read_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    targets: tuple[Target, ...]
+    strategy: str = DEFAULT_STRATEGY
+    cross_geography: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def endpoints(self) -> set[tuple[str, str, int]]:
+        return {(t.scheme, t.host.lower(), t.port) for t in self.targets}
+
+
+def default_endpoint(region: str) -> str:
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://bedrock-runtime.{region}.{suffix}"
+
+
+def load_file(path: str) -> Config:
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as e:
+        raise ConfigError(f"bedrock_config: cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bedrock_config: {path} is not valid YAML: {e}") from None
+    return parse(data)
+
+
+def from_regions(regions: str) -> Config:
+    names = [r.strip() for r in regions.split(",") if r.strip()]
+    if not names:
+        raise ConfigError("bedrock_regions: give at least one region, e.g. us-east-1,us-west-2")
+    for name in names:
+        _check_region(name, "bedrock_regions", endpoint_given=False)
+    return parse({"targets": [{"region": r} for r in dict.fromkeys(names)]})
+
+
+def parse(data: object) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("bedrock_config: the file must hold a mapping with a 'targets' list")
+    _reject_unknown(data, TOP_LEVEL_KEYS, "")
+    strategy = data.get("strategy", DEFAULT_STRATEGY)
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    cross = data.get("cross_geography", False)
+    if not isinstance(cross, bool):
+        raise ConfigError("cross_geography: must be true or false")
+    raw_targets = data.get("targets")
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise ConfigError("targets: give a non-empty list of targets")
+    targets = _unique_names([_parse_target(t, f"targets[{i}]") for i, t in enumerate(raw_targets)], raw_targets)
+    return Config(tuple(targets), strategy, cross, _parse_timeouts(data.get("timeouts", {})))
+
+
+def _parse_target(data: object, where: str) -> Target:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping with at least 'region'")
+    _reject_unknown(data, TARGET_KEYS, where)
+    region = data.get("region")
+    _check_region(region, f"{where}.region", endpoint_given="endpoint_url" in data)
+    endpoint_url = _parse_endpoint(data.get("endpoint_url", default_endpoint(region)), f"{where}.endpoint_url")
+    weight = data.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise ConfigError(f"{where}.weight: must be a whole number of at least 1, not {weight!r}")
+    models = data.get("models")
+    if models is not None:
+        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+            raise ConfigError(f"{where}.models: must be a non-empty list of model id patterns such as 'anthropic.*'")
+        models = tuple(models)
+    for key in ("name", "profile", "role_arn"):
+        if key in data and (not isinstance(data[key], str) or not data[key]):
+            raise ConfigError(f"{where}.{key}: must be a non-empty string")
+    role_arn = data.get("role_arn")
+    if role_arn is not None and not (role_arn.startswith("arn:") and ":role/" in role_arn):
+        raise ConfigError(f"{where}.role_arn: {role_arn!r} is not an IAM role ARN")
+    return Target(
+        name=data.get("name", region),
+        region=region,
+        endpoint_url=endpoint_url,
+        weight=weight,
+        profile=data.get("profile"),
+        role_arn=role_arn,
+        models=models,
+    )
+
+
+@functools.cache
+def known_regions() -> frozenset[str]:
+    """Every region botocore knows, in every partition (read from its bundled endpoints data)."""
+    from botocore.loaders import create_loader
+
+    endpoints = create_loader().load_data("endpoints")
+    return frozenset(r for partition in endpoints["partitions"] for r in partition.get("regions", {}))
+
+
+def _check_region(region: object, where: str, endpoint_given: bool) -> None:
+    if not isinstance(region, str) or not REGION.match(region):
+        raise ConfigError(f"{where}: {region!r} is not an AWS region name such as us-east-1")
+    # A typo such as us-eest-1 must not silently become a target that never answers. A region newer
+    # than the installed botocore is accepted when the target names its endpoint_url explicitly.
+    if not endpoint_given and region not in known_regions():
+        close = difflib.get_close_matches(region, known_regions(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{where}: {region!r} is not a region botocore knows{hint}; give endpoint_url to use it anyway")
+
+
+def _parse_endpoint(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a URL such as https://bedrock-runtime.us-east-1.amazonaws.com")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {value!r} must be an http:// or https:// URL with a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{where}: {value!r} must have no path, query or user info")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} has an invalid port") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _parse_timeouts(data: object) -> Timeouts:
+    if not isinstance(data, dict):
+        raise ConfigError("timeouts: must be a mapping")
+    _reject_unknown(data, TIMEOUT_KEYS, "timeouts")
+    values = {}
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"timeouts.{key}: must be a positive number of seconds")
+        values[key] = float(value)
+    return Timeouts(**values)
+
+
+def _reject_unknown(data: dict, allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            place = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"{place}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _unique_names(targets: list[Target], raw_targets: list[dict]) -> list[Target]:
+    """Targets without an explicit name are named after their region, a repeat with a suffix (-2, -3)."""
+    explicit: set[str] = set()
+    for i, raw in enumerate(raw_targets):
+        if "name" in raw:
+            if raw["name"] in explicit:
+                raise ConfigError(f"targets[{i}].name: {raw['name']!r} names two targets; names must be unique")
+            explicit.add(raw["name"])
+    taken = set(explicit)
+    result = []
+    for target, raw in zip(targets, raw_targets):
+        if "name" not in raw:
+            name, n = target.name, 1
+            while name in taken:
+                n += 1
+                name = f"{target.name}-{n}"
+            target = Target(**{**target.__dict__, "name": name})
+        taken.add(target.name)
+        result.append(target)
+    return result

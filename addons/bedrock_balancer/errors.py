@@ -1,0 +1,76 @@
+"""Errors the proxy itself answers with, in Bedrock's wire format (restJson1).
+
+botocore picks the exception class from the ``x-amzn-ErrorType`` header, not from the status code, so
+a proxy-made error must carry the shape name AWS would use; the body is ``{"message": ...}``. The
+``x-bedrock-balancer-error`` header tells an operator that the proxy, not AWS, produced the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+# Shape name -> HTTP status, as in the Bedrock Runtime service model.
+STATUS_BY_ERROR_TYPE = {
+    "ValidationException": 400,
+    "ServiceQuotaExceededException": 400,
+    "ConflictException": 400,
+    "IncompleteSignatureException": 400,
+    "AccessDeniedException": 403,
+    "InvalidSignatureException": 403,
+    "UnrecognizedClientException": 403,
+    "MissingAuthenticationTokenException": 403,
+    "ResourceNotFoundException": 404,
+    "UnknownOperationException": 404,
+    "ModelTimeoutException": 408,
+    "RequestEntityTooLargeException": 413,
+    "ModelErrorException": 424,
+    "ThrottlingException": 429,
+    "ModelNotReadyException": 429,
+    "InternalServerException": 500,
+    "ServiceUnavailableException": 503,
+}
+
+
+@dataclass(frozen=True)
+class BedrockError(Exception):
+    """An answer the proxy gives instead of forwarding the request."""
+
+    error_type: str
+    message: str
+
+    def __post_init__(self) -> None:
+        if self.error_type not in STATUS_BY_ERROR_TYPE:
+            raise ValueError(f"unknown Bedrock error type {self.error_type!r}")
+
+    @property
+    def status(self) -> int:
+        return STATUS_BY_ERROR_TYPE[self.error_type]
+
+    def wire(self) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and body of the HTTP response that carries this error."""
+        body = json.dumps({"message": self.message}).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "x-amzn-ErrorType": self.error_type,
+            "x-amzn-RequestId": str(uuid.uuid4()),
+            "x-bedrock-balancer-error": "true",
+        }
+        return self.status, headers, body
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+def error_type_of(headers_get, body: bytes) -> str | None:
+    """The error shape of an upstream answer, as botocore would read it (header first, then body)."""
+    value = headers_get("x-amzn-ErrorType")
+    if value:
+        return value.split(":", 1)[0]
+    try:
+        parsed = json.loads(body) if body else {}
+    except ValueError:
+        return None
+    code = parsed.get("__type") or parsed.get("code") if isinstance(parsed, dict) else None
+    return code.rsplit("#", 1)[-1] if isinstance(code, str) else None

@@ -1,0 +1,97 @@
+"""Read token usage from Bedrock answers: headers, Converse bodies and event streams.
+
+* InvokeModel: ``x-amzn-bedrock-input-token-count`` / ``-output-token-count`` headers.
+* Converse: ``usage.inputTokens`` / ``usage.outputTokens`` in the JSON body.
+* ConverseStream: the final ``metadata`` event's ``usage``.
+* InvokeModelWithResponseStream: the last chunk's ``amazon-bedrock-invocationMetrics``.
+
+The stream meter sees every byte that passes, frame by frame, and also remembers whether an
+exception frame came and whether any content came before it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+
+from .eventstream import FrameDecoder, FrameError
+
+_METRICS_KEY = b"amazon-bedrock-invocationMetrics"
+
+
+@dataclass
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def from_response(headers_get, body: bytes) -> Usage:
+    usage = Usage(_int(headers_get("x-amzn-bedrock-input-token-count")), _int(headers_get("x-amzn-bedrock-output-token-count")))
+    if usage.input_tokens is None and body[:1] == b"{" and b'"usage"' in body:
+        try:
+            parsed = json.loads(body).get("usage") or {}
+        except (ValueError, AttributeError):
+            return usage
+        usage.input_tokens, usage.output_tokens = _int(parsed.get("inputTokens")), _int(parsed.get("outputTokens"))
+    return usage
+
+
+class StreamMeter:
+    """Fed the raw bytes of an event stream as they pass; keeps usage and the stream's outcome."""
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.frames = 0
+        self.exception: str | None = None  # ``throttlingException`` etc. once an exception frame passed
+        self.corrupt = False
+        self._decoder = FrameDecoder()
+
+    def feed(self, data: bytes) -> None:
+        if self.corrupt:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError:
+            self.corrupt = True
+            return
+        for frame in frames:
+            self.frames += 1
+            if frame.message_type in ("exception", "error"):
+                self.exception = frame.exception_type or frame.error_code or "error"
+            elif frame.event_type == "metadata":
+                self._read_converse_metadata(frame.payload)
+            elif frame.event_type == "chunk" and len(frame.payload) > 64:
+                self._read_invocation_metrics(frame.payload)
+
+    @property
+    def incomplete(self) -> bool:
+        """True if the bytes seen so far end in the middle of a frame."""
+        return self._decoder.pending > 0
+
+    def _read_converse_metadata(self, payload: bytes) -> None:
+        try:
+            usage = json.loads(payload).get("usage") or {}
+        except (ValueError, AttributeError):
+            return
+        self.usage = Usage(_int(usage.get("inputTokens")), _int(usage.get("outputTokens")))
+
+    def _read_invocation_metrics(self, payload: bytes) -> None:
+        try:
+            chunk = base64.b64decode(json.loads(payload)["bytes"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if _METRICS_KEY not in chunk:
+            return
+        try:
+            metrics = json.loads(chunk)[_METRICS_KEY.decode()]
+        except (ValueError, KeyError, TypeError):
+            return
+        self.usage = Usage(_int(metrics.get("inputTokenCount")), _int(metrics.get("outputTokenCount")))

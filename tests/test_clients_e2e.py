@@ -1,0 +1,167 @@
+"""Other real clients through the real proxy: the AWS CLI and curl's --aws-sigv4; the console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bedrock_balancer.eventstream import decode_frames
+from proxyharness import CLIENT_KEY, CLIENT_SECRET, PROXY_KEY, targets_for, write_config
+
+# curl 7.88 leaves ':' unencoded in the path it signs while AWS encodes it: use model ids without ':'.
+CURL_MODEL = "amazon.titan-text-express-v1"
+CONVERSE_BODY = json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}]})
+
+
+def aws_cli() -> str:
+    beside_python = Path(sys.executable).with_name("aws")
+    found = str(beside_python) if beside_python.exists() else shutil.which("aws")
+    assert found, "the AWS CLI is a test dependency (pip install -e '.[test]')"
+    return found
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env={**os.environ, **env}, capture_output=True, timeout=timeout)
+
+
+def test_aws_cli_through_https_proxy(emu, proxy_factory, tmp_path):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1", "us-west-2"])})
+    env = {
+        "HTTPS_PROXY": proxy.url, "AWS_CA_BUNDLE": proxy.ca_cert, "AWS_ACCESS_KEY_ID": CLIENT_KEY,
+        "AWS_SECRET_ACCESS_KEY": CLIENT_SECRET, "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+    }
+    outputs = []
+    for _ in range(2):
+        result = run([aws_cli(), "bedrock-runtime", "converse", "--model-id", "anthropic.claude-3-haiku-20240307-v1:0",
+                      "--messages", json.dumps([{"role": "user", "content": [{"text": "hi"}]}])], env)
+        assert result.returncode == 0, result.stderr.decode()
+        outputs.append(json.loads(result.stdout)["output"]["message"]["content"][0]["text"])
+    result = run([aws_cli(), "bedrock-runtime", "invoke-model", "--model-id", "anthropic.claude-3-haiku-20240307-v1:0",
+                  "--body", '{"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}',
+                  str(tmp_path / "out.json")], env)
+    assert result.returncode == 0, result.stderr.decode()
+
+    assert {re.search(r"Hello from (\S+)", o).group(1) for o in outputs} == {"us-east-1", "us-west-2"}
+    assert "Hello from" in (tmp_path / "out.json").read_text()
+    assert all(r.auth_ok and r.access_key_id == PROXY_KEY for r in emu.requests)
+
+
+def test_aws_cli_error_is_the_modeled_exception(emu, proxy_factory):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    env = {
+        "HTTPS_PROXY": proxy.url, "AWS_CA_BUNDLE": proxy.ca_cert, "AWS_ACCESS_KEY_ID": CLIENT_KEY,
+        "AWS_SECRET_ACCESS_KEY": CLIENT_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    result = run([aws_cli(), "bedrock-runtime", "converse", "--model-id", "eu.anthropic.claude-3-haiku-20240307-v1:0",
+                  "--messages", json.dumps([{"role": "user", "content": [{"text": "hi"}]}])], env)
+    assert result.returncode != 0
+    assert b"(ValidationException)" in result.stderr and b"no configured target" in result.stderr
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return run(["curl", "--silent", "--show-error", "--fail-with-body", "--aws-sigv4", "aws:amz:us-east-1:bedrock",
+                "--user", f"{CLIENT_KEY}:{CLIENT_SECRET}", "-H", "content-type: application/json", *args], {})
+
+
+def test_curl_aws_sigv4_through_https_proxy(emu, proxy_factory):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-west-2"])})
+
+    result = curl("-x", proxy.url, "--cacert", proxy.ca_cert, "-d", CONVERSE_BODY,
+                  f"https://bedrock-runtime.us-east-1.amazonaws.com/model/{CURL_MODEL}/converse")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["output"]["message"]["content"][0]["text"].startswith("Hello from us-west-2")
+    assert [(r.region, r.auth_ok, r.access_key_id) for r in emu.requests] == [("us-west-2", True, PROXY_KEY)]
+
+
+def test_curl_aws_sigv4_in_reverse_mode(emu, proxy_factory):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-west-2"])}, mode="reverse:https://bedrock-runtime.us-east-1.amazonaws.com")
+
+    result = curl("-d", CONVERSE_BODY, f"{proxy.url}/model/{CURL_MODEL}/converse")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["output"]["message"]["content"][0]["text"].startswith("Hello from us-west-2")
+    assert [(r.region, r.auth_ok, r.access_key_id) for r in emu.requests] == [("us-west-2", True, PROXY_KEY)]
+
+
+def test_curl_streams_event_frames(emu, proxy_factory):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+
+    result = curl("-N", "-x", proxy.url, "--cacert", proxy.ca_cert, "-d", CONVERSE_BODY,
+                  f"https://bedrock-runtime.us-east-1.amazonaws.com/model/{CURL_MODEL}/converse-stream")
+
+    assert result.returncode == 0, result.stderr
+    events = [f.event_type for f in decode_frames(result.stdout)]
+    assert events[0] == "messageStart" and events[-1] == "metadata" and "contentBlockDelta" in events
+
+
+def test_other_hosts_are_not_intercepted(emu, proxy_factory):
+    """In regular mode the proxy tunnels non-Bedrock hosts untouched: a TLS client sees the real certificate."""
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    port = emu.endpoint_url("eu-west-1").rsplit(":", 1)[1]
+
+    # The emulator's own certificate (not mitmproxy's) must verify: the tunnel was not intercepted.
+    result = run(["curl", "--silent", "--show-error", "-x", proxy.url, "--cacert", emu.ca_path,
+                  f"https://localhost:{port}/_emulator/requests"], {})
+
+    assert result.returncode == 0, result.stderr
+    assert emu.requests == [] or all(r.access_key_id != PROXY_KEY for r in emu.requests)
+
+
+def start_console_script(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", "from bedrock_balancer.cli import main; main()", *args],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_console_script_serves_boto3_through_https_proxy(emu, tmp_path, monkeypatch):
+    import boto3
+
+    config = write_config(tmp_path / "balancer.yaml", {"targets": targets_for(emu, ["us-east-1", "us-west-2"])})
+    process = start_console_script(
+        ["--set", f"bedrock_config={config}", "--set", f"confdir={tmp_path}", "-p", "0",
+         "--set", f"ssl_verify_upstream_trusted_ca={emu.ca_path}"], {},
+    )
+    try:
+        port = None
+        for line in process.stdout:  # mitmproxy prints the bound address once it listens
+            if match := re.search(r"proxy listening at 127\.0\.0\.1:(\d+)", line):
+                port = int(match.group(1))
+                break
+        assert port, "the proxy did not start"
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "mitmproxy-ca-cert.pem"))
+        client = boto3.client("bedrock-runtime", region_name="us-east-1", aws_access_key_id=CLIENT_KEY, aws_secret_access_key=CLIENT_SECRET)
+        regions = [client.converse(modelId="amazon.nova-lite-v1:0", messages=[{"role": "user", "content": [{"text": "hi"}]}])
+                   ["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"] for _ in range(2)]
+        assert regions == ["us-east-1", "us-west-2"]
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=10)[0]
+    assert "bedrock Converse amazon.nova-lite-v1:0 us-east-1 -> us-west-2 status=200" in output
+    assert PROXY_KEY not in output and CLIENT_KEY not in output
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        ("targets:\n  - region: us-east-1\n    wieght: 2\n", "targets[0].wieght: unknown key"),
+        ("strategy: fastest\ntargets:\n  - region: us-east-1\n", "strategy: 'fastest' is not one of"),
+        ("targets:\n  - region: us-eest-1\n", "targets[0].region: 'us-eest-1' is not a region botocore knows"),
+    ],
+)
+def test_bad_config_stops_startup_naming_the_field(tmp_path, config_text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(config_text)
+    process = start_console_script(["--set", f"bedrock_config={config}", "--set", f"confdir={tmp_path}", "-p", "0"], {})
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode != 0
+    assert message in output

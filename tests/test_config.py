@@ -1,0 +1,72 @@
+"""Configuration: what is accepted, and errors that name the offending field."""
+
+from __future__ import annotations
+
+import pytest
+
+from bedrock_balancer import config
+
+
+def test_full_example_parses():
+    parsed = config.parse(
+        {
+            "strategy": "least-outstanding",
+            "cross_geography": True,
+            "timeouts": {"connect_s": 2, "read_s": 30.5},
+            "targets": [
+                {
+                    "region": "us-east-1", "endpoint_url": "https://bedrock-runtime.us-east-1.amazonaws.com", "name": "use1",
+                    "weight": 2, "profile": "prod", "role_arn": "arn:aws:iam::123456789012:role/bedrock",
+                    "models": ["anthropic.*", "us.anthropic.*"],
+                },
+                {"region": "cn-north-1"},
+            ],
+        }
+    )
+    use1, china = parsed.targets
+    assert (use1.name, use1.weight, use1.profile, use1.models) == ("use1", 2, "prod", ("anthropic.*", "us.anthropic.*"))
+    assert china.endpoint_url == "https://bedrock-runtime.cn-north-1.amazonaws.com.cn"
+    assert parsed.timeouts.read_s == 30.5 and parsed.strategy == "least-outstanding"
+
+
+def test_regions_shortcut():
+    parsed = config.from_regions(" us-east-1, us-west-2 ,")
+    assert [t.name for t in parsed.targets] == ["us-east-1", "us-west-2"]
+    assert parsed.targets[1].host_header == "bedrock-runtime.us-west-2.amazonaws.com"
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"targets": [{"region": "us-east-1"}], "stratgy": "x"}, "stratgy: unknown key"),
+        ({"targets": [{"region": "us-east-1", "wieght": 2}]}, "targets[0].wieght: unknown key"),
+        ({"targets": [{"region": "us-east-1"}, {"region": "mars-1"}]}, "targets[1].region"),
+        ({"targets": [{"region": "us-east-1", "weight": 0}]}, "targets[0].weight"),
+        ({"targets": [{"region": "us-east-1", "weight": "2"}]}, "targets[0].weight"),
+        ({"targets": [{"region": "us-east-1", "endpoint_url": "bedrock.example.com"}]}, "targets[0].endpoint_url"),
+        ({"targets": [{"region": "us-east-1", "endpoint_url": "https://h/path"}]}, "targets[0].endpoint_url"),
+        ({"targets": [{"region": "us-east-1", "models": "anthropic.*"}]}, "targets[0].models"),
+        ({"targets": [{"region": "us-east-1", "role_arn": "bedrock"}]}, "targets[0].role_arn"),
+        ({"targets": [{"region": "us-east-1", "name": "a"}, {"region": "us-west-2", "name": "a"}]}, "targets[1].name"),
+        ({"targets": [{"region": "us-east-1"}], "strategy": "random"}, "strategy:"),
+        ({"targets": [{"region": "us-east-1"}], "cross_geography": "yes"}, "cross_geography:"),
+        ({"targets": [{"region": "us-east-1"}], "timeouts": {"read_s": -1}}, "timeouts.read_s"),
+        ({"targets": []}, "targets:"),
+        ([], "bedrock_config:"),
+    ],
+)
+def test_bad_config_names_the_field(data, field):
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(data)
+    assert str(caught.value).startswith(field)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="bedrock_config: cannot read"):
+        config.load_file(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets: [")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load_file(str(bad))
+    with pytest.raises(config.ConfigError, match="bedrock_regions: 'us-eest-1'"):
+        config.from_regions("us-east-1,us-eest-1")

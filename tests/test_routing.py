@@ -1,0 +1,122 @@
+"""Choosing targets: strategies, eligibility, geographies, model-id rewriting."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from bedrock_balancer import config, geography
+from bedrock_balancer.classify import classify
+from bedrock_balancer.errors import BedrockError
+from bedrock_balancer.routing import Router
+
+HOST = "bedrock-runtime.us-east-1.amazonaws.com"
+
+
+def router(targets, **top) -> Router:
+    return Router(config.parse({"targets": targets, **top}))
+
+
+def converse(model="anthropic.claude-v2%3A1", host=HOST):
+    return classify("POST", f"/model/{model}/converse", host, None, None)
+
+
+def test_smooth_weighted_round_robin_interleaves():
+    r = router([{"region": "us-east-1", "weight": 2}, {"region": "us-west-2"}])
+    picks = [r.choose(converse()).target.region for _ in range(6)]
+    assert picks == ["us-east-1", "us-west-2", "us-east-1"] * 2
+
+
+def test_least_outstanding_prefers_fewest_in_flight_per_weight():
+    r = router([{"region": "us-east-1"}, {"region": "us-west-2", "weight": 2}], strategy="least-outstanding")
+    east, west = r.config.targets
+    r.started(west)
+    assert r.choose(converse()).target is east
+    r.started(east)
+    r.started(east)
+    assert r.choose(converse()).target is west  # 2/1 in flight vs 1/2
+    r.finished(east)
+    r.finished(east)
+    picks = Counter(r.choose(converse()).target.name for _ in range(4))
+    assert picks == {"us-east-1": 4}
+
+
+def test_least_outstanding_rotates_among_ties():
+    r = router([{"region": "us-east-1"}, {"region": "us-west-2"}], strategy="least-outstanding")
+    assert {r.choose(converse()).target.region for _ in range(2)} == {"us-east-1", "us-west-2"}
+
+
+def test_region_bound_requests_only_go_to_the_clients_region():
+    r = router([{"region": "us-east-1"}, {"region": "us-west-2"}, {"region": "us-west-2", "name": "second-account"}])
+    request = classify("POST", "/guardrail/g/version/1/apply", "bedrock-runtime.us-west-2.amazonaws.com", None, None)
+    assert {r.choose(request).target.name for _ in range(4)} == {"us-west-2", "second-account"}
+
+
+def test_region_bound_without_a_target_in_that_region_is_explained():
+    r = router([{"region": "us-east-1"}])
+    request = classify("POST", "/guardrail/g/version/1/apply", "bedrock-runtime.eu-west-1.amazonaws.com", None, None)
+    with pytest.raises(BedrockError, match="must stay in region eu-west-1"):
+        r.choose(request)
+
+
+def test_profiles_need_a_matching_geography_unless_crossing_is_allowed():
+    targets = [{"region": "eu-west-1"}, {"region": "ap-northeast-1"}]
+    with pytest.raises(BedrockError, match="no configured target"):
+        router(targets).choose(converse("us.anthropic.claude-v2%3A1"))
+    crossing = router(targets, cross_geography=True)
+    chosen = [crossing.choose(converse("us.anthropic.claude-v2%3A1")) for _ in range(2)]
+    assert {(c.target.region, c.model_id, c.raw_model_id) for c in chosen} == {
+        ("eu-west-1", "eu.anthropic.claude-v2:1", "eu.anthropic.claude-v2%3A1"),
+        ("ap-northeast-1", "apac.anthropic.claude-v2:1", "apac.anthropic.claude-v2%3A1"),
+    }
+
+
+def test_global_profiles_go_anywhere_commercial():
+    r = router([{"region": "eu-west-1"}, {"region": "us-east-1"}])
+    assert {r.choose(converse("global.anthropic.claude-v2%3A1")).target.region for _ in range(2)} == {"eu-west-1", "us-east-1"}
+
+
+def test_models_allow_list_uses_globs_on_the_id_sent():
+    r = router([{"region": "us-east-1", "models": ["us.anthropic.*"]}, {"region": "eu-west-1", "models": ["amazon.*"]}])
+    assert r.choose(converse("us.anthropic.claude-v2%3A1")).target.region == "us-east-1"
+    with pytest.raises(BedrockError):
+        r.choose(converse("anthropic.claude-v2%3A1"))
+
+
+@pytest.mark.parametrize(
+    "model_id, raw, region, expected",
+    [
+        ("anthropic.claude-v2:1", "anthropic.claude-v2%3A1", "eu-west-1", ("anthropic.claude-v2:1", "anthropic.claude-v2%3A1")),
+        ("us.anthropic.claude-v2:1", "us.anthropic.claude-v2%3A1", "us-west-2", ("us.anthropic.claude-v2:1", "us.anthropic.claude-v2%3A1")),
+        (
+            "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-v2:1",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A%3Afoundation-model%2Fanthropic.claude-v2%3A1",
+            "us-west-2",
+            (
+                "arn:aws:bedrock:us-west-2::foundation-model/anthropic.claude-v2:1",
+                "arn%3Aaws%3Abedrock%3Aus-west-2%3A%3Afoundation-model%2Fanthropic.claude-v2%3A1",
+            ),
+        ),
+        (
+            "arn:aws:bedrock:us-east-1:123:inference-profile/us.anthropic.claude-v2:1",
+            "arn:aws:bedrock:us-east-1:123:inference-profile/us.anthropic.claude-v2:1",  # curl-style, ':' not encoded
+            "us-west-2",
+            (
+                "arn:aws:bedrock:us-west-2:123:inference-profile/us.anthropic.claude-v2:1",
+                "arn:aws:bedrock:us-west-2:123:inference-profile/us.anthropic.claude-v2:1",
+            ),
+        ),
+        ("arn:aws:bedrock:us-east-1:123:inference-profile/us.anthropic.claude-v2:1", "x", "eu-west-1", None),
+        ("eu.amazon.nova-lite-v1:0", "eu.amazon.nova-lite-v1%3A0", "us-east-1", None),
+    ],
+)
+def test_rewrite_for_region(model_id, raw, region, expected):
+    assert geography.rewrite_for_region(model_id, raw, region, cross_geography=False) == expected
+
+
+def test_geographies_of_regions():
+    assert geography.region_geographies("ap-northeast-1") == ("apac", "jp", "global")
+    assert geography.region_geographies("us-gov-west-1") == ("us-gov",)
+    assert geography.profile_geography("us-gov.anthropic.x") == "us-gov"
+    assert geography.profile_geography("amazon.nova-lite-v1:0") is None
