@@ -232,21 +232,29 @@ def test_unreachable_target_is_a_service_unavailable_exception(emu, proxy_factor
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         dead = f"https://localhost:{s.getsockname()[1]}"
-    proxy = proxy_factory({"targets": [{"region": "us-east-1", "endpoint_url": dead, "profile": "proxy"}]})
+    proxy = proxy_factory({
+        "retry": {"max_attempts": 2, "cooldown_base_s": 0.05},
+        "targets": [{"region": "us-east-1", "endpoint_url": dead, "profile": "proxy"}],
+    })
     client = client_via_proxy(proxy)
 
-    with pytest.raises(client.exceptions.ServiceUnavailableException, match="could not reach"):
+    with pytest.raises(client.exceptions.ServiceUnavailableException, match="no target answered after 2 attempts"):
         client.converse(modelId=CLAUDE, messages=MESSAGES)
     record = proxy.access_records()[-1]
-    assert record["status"] == 503 and record["attempts"][0]["error"]
+    assert record["status"] == 503
+    assert [a["error"].split(":")[0] for a in record["attempts"]] == ["ClientConnectorError"] * 2
 
 
-def test_upstream_errors_reach_the_client_as_the_right_exception(emu, proxy_factory, client_via_proxy):
-    client = client_via_proxy(proxy_factory({"targets": targets_for(emu, ["us-east-1"])}))
-    emu.set_mode("us-east-1", "throttle", count=1)
+def test_client_errors_from_upstream_reach_the_client_unchanged(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1", "us-west-2"])})
+    client = client_via_proxy(proxy)
 
-    with pytest.raises(client.exceptions.ThrottlingException):
-        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    with pytest.raises(client.exceptions.ValidationException) as raised:
+        client.converse(modelId="madeup.model-v1", messages=MESSAGES)
+
+    assert "x-bedrock-balancer-error" not in raised.value.response["ResponseMetadata"]["HTTPHeaders"]
+    assert len(emu.requests) == 1  # a client error is not retried elsewhere
+    assert [a["status"] for a in proxy.access_records()[-1]["attempts"]] == [400]
 
 
 def test_access_log_names_the_region_for_every_request(emu, proxy_factory, client_via_proxy):
@@ -281,11 +289,11 @@ def test_flows_show_the_chosen_region_for_mitmweb(emu, proxy_factory, client_via
         def response(self, flow: mhttp.HTTPFlow) -> None:
             shown.append((flow.comment, flow.marked, flow.request.pretty_url, flow.request.headers.get("authorization", "")))
 
-    proxy = proxy_factory({"targets": targets_for(emu, ["us-west-2"])})
+    proxy = proxy_factory({"retry": {"max_attempts": 2, "cooldown_base_s": 0.01}, "targets": targets_for(emu, ["us-west-2"])})
     proxy.master.addons.add(Recorder())
     client = client_via_proxy(proxy, "us-east-1")
     client.converse(modelId=CLAUDE, messages=MESSAGES)
-    emu.set_mode("us-west-2", "fail", count=1)
+    emu.set_mode("us-west-2", "fail")
     with pytest.raises(client.exceptions.ServiceUnavailableException):
         client.converse(modelId=CLAUDE, messages=MESSAGES)
 

@@ -15,7 +15,7 @@ import time
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
-from . import accesslog, classify, config as config_module
+from . import accesslog, affinity, classify, config as config_module, quota
 from .credentials import CredentialStore
 from .errors import BedrockError
 from .relay import EVENT_STREAM, EXCHANGE_HEADER, Exchange, Relay, forwardable_headers, redacted, upstream_path
@@ -25,6 +25,7 @@ log = logging.getLogger("bedrock_balancer")
 
 METADATA_KEY = "bedrock_balancer"
 FAILURE_MARKER = ":warning:"
+FAILOVER_MARKER = ":repeat:"
 
 
 class BedrockBalancer:
@@ -184,13 +185,20 @@ class BedrockBalancer:
             fallback_region=classify.host_region(request.host) if reverse else None,
             body=request.raw_content or b"",
         )
+        body = request.raw_content or b""
         return Exchange(
             request=bedrock_request,
             method=request.method,
             raw_path=raw_path,
             raw_query=raw_query,
             headers=forwardable_headers(list(request.headers.items(multi=True))),
-            body=request.raw_content or b"",
+            body=body,
+            tokens=quota.estimate_tokens(body) if self.config.has_budgets and bedrock_request.model_id else 0,
+            affinity_key=(
+                affinity.conversation_key(bedrock_request.model_id, body)
+                if self.config.affinity and bedrock_request.balanceable and bedrock_request.model_id
+                else None
+            ),
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -234,6 +242,8 @@ class BedrockBalancer:
         flow.comment = _comment(record)
         if error or (status or 0) >= 400:
             flow.marked = FAILURE_MARKER
+        elif len(record["attempts"]) > 1:
+            flow.marked = FAILOVER_MARKER
         log.info(_log_line(record))
         if self.access_log is not None:
             self.access_log.write(record)
@@ -280,6 +290,9 @@ def _comment(record: dict) -> str:
     origin = record["client_region"] or "?"
     where = f"{record['region']} ({record['target']})" if record["target"] and record["target"] != record["region"] else (record["region"] or "no target")
     text = f"{origin} → {where}"
+    if len(record["attempts"]) > 1:
+        failed = ", ".join(f"{a['target']} {a['status'] or a.get('error', 'error')}" for a in record["attempts"][:-1])
+        text += f" after {len(record['attempts'])} attempts ({failed})"
     if record.get("error"):
         text += f" · {record['error']}"
     return text

@@ -17,12 +17,14 @@ import yaml
 
 from .classify import REGION
 
-STRATEGIES = ("round-robin", "least-outstanding")
-DEFAULT_STRATEGY = "round-robin"
+STRATEGIES = ("quota", "round-robin", "least-outstanding", "priority", "latency")
+DEFAULT_STRATEGY = "quota"
 
-TOP_LEVEL_KEYS = {"strategy", "targets", "cross_geography", "timeouts"}
-TARGET_KEYS = {"region", "endpoint_url", "name", "weight", "profile", "role_arn", "models"}
+TOP_LEVEL_KEYS = {"strategy", "targets", "cross_geography", "timeouts", "retry", "quota_window_s", "affinity"}
+TARGET_KEYS = {"region", "endpoint_url", "name", "weight", "profile", "role_arn", "models", "rpm", "tpm", "priority", "model_quotas"}
 TIMEOUT_KEYS = {"connect_s", "read_s"}
+RETRY_KEYS = {"max_attempts", "deadline_s", "stall_timeout_s", "cooldown_base_s", "cooldown_max_s"}
+AFFINITY_KEYS = {"ttl_s", "max_keys"}
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,10 @@ class Target:
     profile: str | None = None
     role_arn: str | None = None
     models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    priority: int = 0
+    model_quotas: tuple = ()  # ((pattern, Budget), ...)
 
     @property
     def scheme(self) -> str:
@@ -81,11 +87,34 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Retry:
+    max_attempts: int = 4  # attempts in all, the first included
+    # Bounds the time spent retrying and waiting for a cooled-down target, not a healthy answer in progress.
+    deadline_s: float = 30.0
+    stall_timeout_s: float = 20.0  # a stream with no first event by then is abandoned and failed over
+    cooldown_base_s: float = 1.0
+    cooldown_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Affinity:
+    ttl_s: float = 900.0
+    max_keys: int = 100_000
+
+
+@dataclass(frozen=True)
 class Config:
     targets: tuple[Target, ...]
     strategy: str = DEFAULT_STRATEGY
     cross_geography: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
+    retry: Retry = field(default_factory=Retry)
+    quota_window_s: float = 60.0
+    affinity: Affinity | None = None
+
+    @property
+    def has_budgets(self) -> bool:
+        return any(t.rpm or t.tpm or t.model_quotas for t in self.targets)
 
     def endpoints(self) -> set[tuple[str, str, int]]:
         return {(t.scheme, t.host.lower(), t.port) for t in self.targets}
@@ -131,7 +160,18 @@ def parse(data: object) -> Config:
     if not isinstance(raw_targets, list) or not raw_targets:
         raise ConfigError("targets: give a non-empty list of targets")
     targets = _unique_names([_parse_target(t, f"targets[{i}]") for i, t in enumerate(raw_targets)], raw_targets)
-    return Config(tuple(targets), strategy, cross, _parse_timeouts(data.get("timeouts", {})))
+    window = data.get("quota_window_s", 60)
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0:
+        raise ConfigError("quota_window_s: must be a positive number of seconds (60 = Bedrock's per-minute quotas)")
+    return Config(
+        targets=tuple(targets),
+        strategy=strategy,
+        cross_geography=cross,
+        timeouts=Timeouts(**_numbers(data.get("timeouts", {}), TIMEOUT_KEYS, "timeouts")),
+        retry=_parse_retry(data.get("retry", {})),
+        quota_window_s=float(window),
+        affinity=_parse_affinity(data.get("affinity", False)),
+    )
 
 
 def _parse_target(data: object, where: str) -> Target:
@@ -152,6 +192,11 @@ def _parse_target(data: object, where: str) -> Target:
     for key in ("name", "profile", "role_arn"):
         if key in data and (not isinstance(data[key], str) or not data[key]):
             raise ConfigError(f"{where}.{key}: must be a non-empty string")
+    rpm, tpm = _limit(data, "rpm", where), _limit(data, "tpm", where)
+    priority = data.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigError(f"{where}.priority: must be a whole number (lowest is used first)")
+    model_quotas = _parse_model_quotas(data.get("model_quotas", {}), f"{where}.model_quotas")
     role_arn = data.get("role_arn")
     if role_arn is not None and not (role_arn.startswith("arn:") and ":role/" in role_arn):
         raise ConfigError(f"{where}.role_arn: {role_arn!r} is not an IAM role ARN")
@@ -163,6 +208,10 @@ def _parse_target(data: object, where: str) -> Target:
         profile=data.get("profile"),
         role_arn=role_arn,
         models=models,
+        rpm=rpm,
+        tpm=tpm,
+        priority=priority,
+        model_quotas=model_quotas,
     )
 
 
@@ -201,16 +250,58 @@ def _parse_endpoint(value: object, where: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _parse_timeouts(data: object) -> Timeouts:
+def _numbers(data: object, allowed: set[str], where: str) -> dict[str, float]:
+    """A mapping of positive numbers, e.g. ``timeouts`` or ``retry``."""
     if not isinstance(data, dict):
-        raise ConfigError("timeouts: must be a mapping")
-    _reject_unknown(data, TIMEOUT_KEYS, "timeouts")
+        raise ConfigError(f"{where}: must be a mapping")
+    _reject_unknown(data, allowed, where)
     values = {}
     for key, value in data.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"timeouts.{key}: must be a positive number of seconds")
+            raise ConfigError(f"{where}.{key}: must be a positive number")
         values[key] = float(value)
-    return Timeouts(**values)
+    return values
+
+
+def _parse_retry(data: object) -> Retry:
+    values = _numbers(data, RETRY_KEYS, "retry")
+    if "max_attempts" in values:
+        if values["max_attempts"] != int(values["max_attempts"]):
+            raise ConfigError("retry.max_attempts: must be a whole number (attempts in all, the first included)")
+        values["max_attempts"] = int(values["max_attempts"])
+    return Retry(**values)
+
+
+def _parse_affinity(data: object) -> Affinity | None:
+    if data is False or data is None:
+        return None
+    if data is True:
+        return Affinity()
+    values = _numbers(data, AFFINITY_KEYS, "affinity")
+    if "max_keys" in values:
+        values["max_keys"] = int(values["max_keys"])
+    return Affinity(**values)
+
+
+def _limit(data: dict, key: str, where: str) -> int | None:
+    value = data.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{where}.{key}: must be a whole number of at least 1 (per quota window)")
+    return value
+
+
+def _parse_model_quotas(data: object, where: str) -> tuple:
+    from .quota import Budget
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must map model id patterns to {{rpm, tpm}}")
+    quotas = []
+    for pattern, limits in data.items():
+        if not isinstance(pattern, str) or not pattern or not isinstance(limits, dict) or not limits:
+            raise ConfigError(f"{where}: must map model id patterns to {{rpm, tpm}}")
+        _reject_unknown(limits, {"rpm", "tpm"}, f"{where}.{pattern}")
+        quotas.append((pattern, Budget(_limit(limits, "rpm", f"{where}.{pattern}"), _limit(limits, "tpm", f"{where}.{pattern}"))))
+    return tuple(quotas)
 
 
 def _reject_unknown(data: dict, allowed: set[str], where: str) -> None:

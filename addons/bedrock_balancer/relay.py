@@ -33,12 +33,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import sigv4, usage
+from . import eventstream, sigv4, usage
 from .classify import BedrockRequest
 from .config import Config, Target
 from .credentials import CredentialsUnavailable, CredentialStore
-from .errors import BedrockError
-from .routing import Choice, Router
+from .errors import BedrockError, error_type_of
+from .health import parse_retry_after
+from .quota import budgets_for
+from .routing import Choice, NotYet, Router
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,13 @@ DROPPED_REQUEST_HEADERS = frozenset(
         "expect",
         EXCHANGE_HEADER,
     }
+)
+# Answers worth trying elsewhere: throttled (ThrottlingException, ModelNotReadyException), and server
+# failures, including those of gateways in between. Client errors (400, 403, 404, 424) are final.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Exception frames that, arriving before any content, mean "this region could not start the answer".
+RETRYABLE_STREAM_EXCEPTIONS = frozenset(
+    {"throttlingException", "serviceUnavailableException", "internalServerException", "modelStreamErrorException", "modelNotReadyException"}
 )
 DROPPED_RESPONSE_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te", "trailer", "upgrade"}
@@ -111,11 +120,23 @@ class Exchange:
     status: int | None = None
     error: str | None = None  # set when the proxy, not the upstream, produced the answer
     usage: usage.Usage = field(default_factory=usage.Usage)
-    stream_outcome: str | None = None  # "complete", "exception:<type>" or "truncated" for event streams
+    stream_outcome: str | None = None  # "complete", "exception:<type>", "truncated" or "client-gone" for event streams
+    tokens: int = 0  # what the request reserves in quota budgets
+    affinity_key: str | None = None
 
     @property
     def target(self) -> Target | None:
         return self.choice.target if self.choice else None
+
+
+@dataclass
+class Failure:
+    """An attempt that did not produce an answer worth giving the client; another target may."""
+
+    reason: str
+    status: int | None = None
+    headers: list[tuple[str, str]] | None = None
+    body: bytes = b""
 
 
 def forwardable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -195,75 +216,202 @@ class Relay:
         if token:
             self._exchanges.pop(token, None)
 
+    # -- one client request: attempts until one answers ----------------------------------------
+
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = self._exchanges.pop(request.headers.get(EXCHANGE_HEADER, ""), None)
         if exchange is None:
             return _error_response(BedrockError("AccessDeniedException", "bedrock-balancer: not a request the proxy accepted"))
         await request.read()  # the addon already holds the body; drain what mitmproxy sent
-        try:
-            exchange.choice = self.router.choose(exchange.request)
-        except BedrockError as e:
-            return self._proxy_error(exchange, e)
-        return await self._attempt(exchange, exchange.choice, request)
+        retry = self.config.retry
+        deadline = exchange.started + retry.deadline_s
+        failure: Failure | None = None
+        for _ in range(retry.max_attempts):
+            try:
+                choice = await self._choose(exchange, deadline)
+            except BedrockError as e:
+                return self._proxy_error(exchange, e)
+            if choice is None:  # waited for a target until the deadline
+                break
+            outcome = await self._attempt(exchange, choice, request)
+            if not isinstance(outcome, Failure):
+                return outcome
+            failure = outcome
+        return self._give_up(exchange, failure)
 
-    async def _attempt(self, exchange: Exchange, choice: Choice, request: web.BaseRequest) -> web.StreamResponse:
-        target = choice.target
+    async def _choose(self, exchange: Exchange, deadline: float) -> Choice | None:
+        """A target for the next attempt, waiting for one to recover if all are cooling down."""
+        while True:
+            try:
+                exchange.choice = self.router.choose(exchange.request, exchange.tokens, exchange.affinity_key)
+                return exchange.choice
+            except NotYet as not_yet:
+                now = time.monotonic()
+                if not_yet.retry_at >= deadline:
+                    exchange.error = not_yet.reason
+                    return None
+                await asyncio.sleep(max(0.0, not_yet.retry_at - now))
+
+    def _give_up(self, exchange: Exchange, failure: Failure | None) -> web.Response:
+        if failure is not None and failure.status is not None:  # the last upstream answer, as it was
+            exchange.status = failure.status
+            exchange.error = f"gave up after {len(exchange.attempts)} attempts: {failure.reason}"
+            headers = [(n, v) for n, v in failure.headers or [] if n.lower() not in DROPPED_RESPONSE_HEADERS]
+            return web.Response(status=failure.status, headers=headers + self._balancer_headers(exchange), body=failure.body)
+        if failure is not None:
+            message = f"bedrock-balancer: no target answered after {len(exchange.attempts)} attempts (last: {failure.reason})"
+            return self._proxy_error(exchange, BedrockError("ServiceUnavailableException", message))
+        waited = f"waited {self.config.retry.deadline_s:g} s: " if exchange.attempts == [] else ""
+        message = f"bedrock-balancer: {waited}{exchange.error or 'no target available'}"
+        return self._proxy_error(exchange, BedrockError("ThrottlingException", message))
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    async def _attempt(self, exchange: Exchange, choice: Choice, request: web.BaseRequest) -> web.StreamResponse | Failure:
+        target, model = choice.target, choice.model_id
         attempt = Attempt(target.name, target.region)
         exchange.attempts.append(attempt)
         started = time.monotonic()
+        self.router.cooldowns.begin(target.name, model)
+        reservation = self.router.ledger.reserve(budgets_for(target, model), exchange.tokens)
         self.router.started(target)
+        upstream: aiohttp.ClientResponse | None = None
+        verdict = False  # whether the cooldowns learnt anything from this attempt
+        settled = False
         try:
             credentials = await self.credentials.get(target)
             path = upstream_path(exchange, choice)
             exchange.sent_headers = signed_headers_for(exchange, choice, path, credentials)
             url = URL.build(scheme=target.scheme, host=target.host, port=target.port, path=path, query_string=exchange.raw_query, encoded=True)
-            async with self._session.request(
-                exchange.method, url, headers=CIMultiDict(exchange.sent_headers), data=exchange.body or None, allow_redirects=False
-            ) as upstream:
-                attempt.status = exchange.status = upstream.status
-                attempt.ms = (time.monotonic() - started) * 1000
-                if upstream.headers.get("Content-Type", "").startswith(EVENT_STREAM) and upstream.status == 200:
-                    return await self._stream(exchange, upstream, request)
-                body = await upstream.read()
-                exchange.usage = usage.from_response(upstream.headers.get, body)
-                return web.Response(status=upstream.status, headers=self._response_headers(exchange, upstream), body=body)
+            async with asyncio.timeout(self.config.retry.stall_timeout_s if exchange.request.streaming else None):
+                upstream = await self._session.request(
+                    exchange.method, url, headers=CIMultiDict(exchange.sent_headers), data=exchange.body or None, allow_redirects=False
+                )
+                attempt.status = upstream.status
+                if upstream.status in RETRYABLE_STATUSES:
+                    body = await upstream.read()
+                    verdict = True
+                    return self._failed(exchange, choice, attempt, started, upstream, body)
+                is_stream = upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(EVENT_STREAM)
+                if is_stream:
+                    head, meter = await self._read_until_content(upstream)
+            if is_stream:
+                verdict = True
+                if not meter.content_seen and (meter.exception is None or meter.exception in RETRYABLE_STREAM_EXCEPTIONS):
+                    reason = meter.exception or ("sent a corrupt frame" if meter.corrupt else "ended the stream before its first event")
+                    return self._unreachable(choice, attempt, started, f"stream {reason}", whole_target=False)
+                self._succeeded(exchange, choice, attempt, started)
+                response = await self._stream(exchange, upstream, request, head, meter)
+                self.router.ledger.settle(reservation, _tokens_used(exchange.usage, exchange.tokens))
+                settled = True
+                return response
+            body = await upstream.read()
+            verdict = True
+            self._succeeded(exchange, choice, attempt, started)
+            exchange.usage = usage.from_response(upstream.headers.get, body)
+            self.router.ledger.settle(reservation, _tokens_used(exchange.usage, exchange.tokens))
+            settled = True
+            return web.Response(status=upstream.status, headers=self._response_headers(exchange, upstream), body=body)
         except CredentialsUnavailable as e:
-            attempt.error = "credentials"
-            return self._proxy_error(exchange, BedrockError("AccessDeniedException", f"bedrock-balancer: {e}"), attempt, started)
-        except asyncio.TimeoutError:
-            attempt.error = "timeout"
-            message = f"bedrock-balancer: {target} did not answer in time"
-            return self._proxy_error(exchange, BedrockError("ModelTimeoutException", message), attempt, started)
+            attempt.error, attempt.ms = "credentials", _ms_since(started)
+            return Failure(str(e))
+        except TimeoutError:
+            verdict = True
+            if exchange.request.streaming:
+                return self._unreachable(choice, attempt, started, "stalled before its first event", whole_target=False)
+            return self._unreachable(choice, attempt, started, "timed out")
         except aiohttp.ClientError as e:
-            attempt.error = type(e).__name__
-            message = f"bedrock-balancer: could not reach {target} at {target.endpoint_url}: {e}"
-            return self._proxy_error(exchange, BedrockError("ServiceUnavailableException", message), attempt, started)
+            verdict = True
+            return self._unreachable(choice, attempt, started, f"{type(e).__name__}: {e}".rstrip(": "))
         finally:
             self.router.finished(target)
+            if not verdict:
+                self.router.cooldowns.release_probe(target.name, model)
+            if not settled:  # never ran upstream: it used no tokens (the request still counts)
+                self.router.ledger.settle(reservation, 0)
+            if upstream is not None:
+                upstream.release()
 
-    async def _stream(self, exchange: Exchange, upstream: aiohttp.ClientResponse, request: web.BaseRequest) -> web.StreamResponse:
+    def _failed(self, exchange, choice, attempt, started, upstream, body) -> Failure:
+        error_type = error_type_of(upstream.headers.get, body) or str(upstream.status)
+        attempt.error, attempt.ms = error_type, _ms_since(started)
+        self.router.cooldowns.failed(
+            choice.target.name, choice.model_id, f"{upstream.status} {error_type}", retry_after_s=parse_retry_after(upstream.headers.get)
+        )
+        return Failure(f"{choice.target} answered {upstream.status} {error_type}", upstream.status, list(upstream.headers.items()), body)
+
+    def _unreachable(self, choice: Choice, attempt: Attempt, started: float, reason: str, whole_target: bool = True) -> Failure:
+        """No usable answer: connection failure or timeout (the whole target), or a stream that never started (the model)."""
+        attempt.error, attempt.ms = reason, _ms_since(started)
+        self.router.cooldowns.failed(choice.target.name, choice.model_id, reason, whole_target=whole_target)
+        return Failure(f"{choice.target} {reason}")
+
+    def _succeeded(self, exchange: Exchange, choice: Choice, attempt: Attempt, started: float) -> None:
+        attempt.ms = _ms_since(started)
+        exchange.choice = choice
+        exchange.status = attempt.status
+        self.router.cooldowns.succeeded(choice.target.name, choice.model_id)
+        self.router.observe_latency(choice.target, attempt.ms)
+        if attempt.status == 200:
+            self.router.remember(exchange.affinity_key, choice.target)
+
+    async def _read_until_content(self, upstream: aiohttp.ClientResponse) -> tuple[bytearray, "usage.StreamMeter"]:
+        """Read the stream until its first content frame (or exception), so failover stays possible until then."""
+        meter = usage.StreamMeter()
+        head = bytearray()
+        while not meter.content_seen and meter.exception is None and not meter.corrupt:
+            chunk = await upstream.content.readany()
+            if not chunk:
+                break
+            head += chunk
+            meter.feed(chunk)
+        return head, meter
+
+    async def _stream(
+        self, exchange: Exchange, upstream: aiohttp.ClientResponse, request: web.BaseRequest, head: bytearray, meter: "usage.StreamMeter"
+    ) -> web.StreamResponse:
+        """Pipe the event stream to the client frame by frame; a broken upstream ends it with an error frame."""
         response = web.StreamResponse(status=upstream.status, headers=self._response_headers(exchange, upstream))
         await response.prepare(request)
-        meter = usage.StreamMeter()
+        pending = head  # bytes not yet written: only whole frames go out, so an error frame can follow cleanly
         try:
-            async for chunk in upstream.content.iter_any():
+            pending = await _write_whole_frames(response, pending, meter)
+            while True:
+                chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                pending += chunk
                 meter.feed(chunk)
-                await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            # The client has already received part of the stream: end it as an error, never cleanly.
-            exchange.stream_outcome = "truncated"
-            exchange.error = f"upstream stream broke: {type(e).__name__}"
+                if meter.corrupt:
+                    break
+                pending = await _write_whole_frames(response, pending, meter)
+        except _ClientGone:
+            exchange.stream_outcome = "client-gone"
             exchange.usage = meter.usage
-            request.transport.close()
             return response
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return await self._end_broken_stream(exchange, response, meter, f"{type(e).__name__}")
         exchange.usage = meter.usage
-        if meter.incomplete or meter.corrupt:
-            exchange.stream_outcome = "truncated"
-            request.transport.close()
-            return response
+        if pending or meter.corrupt:
+            return await self._end_broken_stream(exchange, response, meter, "the upstream ended in the middle of an event")
         exchange.stream_outcome = f"exception:{meter.exception}" if meter.exception else "complete"
         await response.write_eof()
         return response
+
+    async def _end_broken_stream(self, exchange: Exchange, response: web.StreamResponse, meter, why: str) -> web.StreamResponse:
+        exchange.stream_outcome = "truncated"
+        exchange.usage = meter.usage
+        target = exchange.target
+        exchange.error = f"upstream stream from {target} broke after {meter.frames} events: {why}"
+        message = f"bedrock-balancer: the answer from {target} broke off after {meter.frames} events ({why}); it is incomplete"
+        try:
+            await response.write(eventstream.exception_frame("serviceUnavailableException", message))
+            await response.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response
+
+    # -- answers -------------------------------------------------------------------------------
 
     def _response_headers(self, exchange: Exchange, upstream: aiohttp.ClientResponse) -> list[tuple[str, str]]:
         headers = [(n, v) for n, v in upstream.headers.items() if n.lower() not in DROPPED_RESPONSE_HEADERS]
@@ -271,17 +419,43 @@ class Relay:
 
     def _balancer_headers(self, exchange: Exchange) -> list[tuple[str, str]]:
         headers = [(ATTEMPTS_HEADER, ", ".join(a.as_header() for a in exchange.attempts))]
-        if exchange.target is not None:
+        if exchange.target is not None and exchange.status is not None and exchange.status < 400:
             headers += [(REGION_HEADER, exchange.target.region), (TARGET_HEADER, exchange.target.name)]
+        elif exchange.attempts:
+            last = exchange.attempts[-1]
+            headers += [(REGION_HEADER, last.region), (TARGET_HEADER, last.target)]
         return headers
 
-    def _proxy_error(self, exchange: Exchange, error: BedrockError, attempt: Attempt | None = None, started: float = 0.0) -> web.Response:
-        if attempt is not None:
-            attempt.ms = (time.monotonic() - started) * 1000
+    def _proxy_error(self, exchange: Exchange, error: BedrockError) -> web.Response:
         exchange.status = error.status
         exchange.error = str(error)
         status, headers, body = error.wire()
         return web.Response(status=status, headers=list(headers.items()) + self._balancer_headers(exchange), body=body)
+
+
+class _ClientGone(Exception):
+    """The client (through mitmproxy) stopped reading the answer."""
+
+
+async def _write_whole_frames(response: web.StreamResponse, pending: bytearray, meter) -> bytearray:
+    complete = len(pending) - meter.pending_bytes
+    if complete > 0:
+        try:
+            await response.write(bytes(pending[:complete]))
+        except (ConnectionResetError, RuntimeError) as e:  # aiohttp raises RuntimeError on a closed transport
+            raise _ClientGone() from e
+        del pending[:complete]
+    return pending
+
+
+def _tokens_used(used: usage.Usage, reserved: int) -> int:
+    if used.input_tokens is None and used.output_tokens is None:
+        return reserved  # unknown: keep the reservation, the safe side
+    return (used.input_tokens or 0) + (used.output_tokens or 0)
+
+
+def _ms_since(started: float) -> float:
+    return (time.monotonic() - started) * 1000
 
 
 def _error_response(error: BedrockError) -> web.Response:

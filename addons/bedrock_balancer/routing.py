@@ -1,23 +1,40 @@
 """Choose a target for a classified request.
 
-Eligibility first (region-bound requests stay in the client's region; a target's ``models`` allow-list;
-inference-profile geographies), then the strategy picks among the eligible targets:
+First the targets that *may* serve it (eligibility: region-bound requests stay in the client's region;
+a target's ``models`` allow-list; inference-profile geographies). Then those that *can* now (not
+cooling down, see :mod:`.health`; room left in their budgets, see :mod:`.quota`). Then the strategy:
 
-* ``round-robin``: smooth weighted round-robin (nginx's algorithm): over any run of requests each
-  target gets its weight's share, interleaved rather than in bursts.
-* ``least-outstanding``: the target with the fewest requests in flight relative to its weight; ties
-  broken in rotation so that an idle pool is not always drained from the first target.
+* ``quota`` (default): the target with the most headroom left in its rpm/tpm budgets after this
+  request; ties (for instance targets without budgets) go by weighted round-robin.
+* ``round-robin``: smooth weighted round-robin (nginx's algorithm): each target gets its weight's share,
+  interleaved rather than in bursts.
+* ``least-outstanding``: the fewest requests in flight relative to weight; ties in rotation.
+* ``priority``: the lowest ``priority`` value that has an available target, weighted round-robin inside
+  that tier; the next tier only takes traffic when the whole tier is cooling down or out of budget
+  (prompt caches stay warm in the preferred region).
+* ``latency``: the lowest moving average (EWMA) of recent latencies; targets never measured first.
+
+With ``affinity`` on, a request whose conversation prefix was served recently goes back to the same
+target while that target is available, for prompt-cache hits.
+
+When targets are eligible but none is available now, :class:`NotYet` says when one will be.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from .classify import BedrockRequest
 from .config import Config, Target
 from .errors import BedrockError
 from .geography import rewrite_for_region
+from .health import Cooldowns
+from .quota import QuotaLedger, budgets_for
+
+LATENCY_EWMA_ALPHA = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,18 +44,32 @@ class Choice:
     raw_model_id: str | None
 
 
+class NotYet(Exception):
+    """Targets may serve the request, but none can right now; try again at ``retry_at`` (monotonic)."""
+
+    def __init__(self, retry_at: float, reason: str):
+        super().__init__(reason)
+        self.retry_at = retry_at
+        self.reason = reason
+
+
 class Router:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, cooldowns: Cooldowns | None = None, ledger: QuotaLedger | None = None, clock=time.monotonic):
         self.config = config
+        self.clock = clock
+        self.cooldowns = cooldowns or Cooldowns(config.retry.cooldown_base_s, config.retry.cooldown_max_s, clock=clock)
+        self.ledger = ledger or QuotaLedger(config.quota_window_s, clock=clock)
         self.outstanding = {t.name: 0 for t in config.targets}
+        self.latency_ms: dict[str, float] = {}
         self._current_weight = {t.name: 0 for t in config.targets}
         self._tie_breaker = itertools.count()
+        self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
-    def eligible(self, request: BedrockRequest, exclude: frozenset[str] = frozenset()) -> list[Choice]:
+    # -- eligibility ---------------------------------------------------------------------------
+
+    def eligible(self, request: BedrockRequest) -> list[Choice]:
         choices = []
         for target in self.config.targets:
-            if target.name in exclude:
-                continue
             if not request.balanceable and target.region != request.client_region:
                 continue
             choice = self._fit(target, request)
@@ -46,36 +77,54 @@ class Router:
                 choices.append(choice)
         return choices
 
-    def choose(self, request: BedrockRequest, exclude: frozenset[str] = frozenset()) -> Choice:
-        choices = self.eligible(request, exclude)
-        if not choices:
-            raise BedrockError("ValidationException", self._why_none(request))
-        if len(choices) == 1:
-            return choices[0]
-        if self.config.strategy == "least-outstanding":
-            return self._least_outstanding(choices)
-        return self._round_robin(choices)
-
-    def started(self, target: Target) -> None:
-        self.outstanding[target.name] += 1
-
-    def finished(self, target: Target) -> None:
-        self.outstanding[target.name] -= 1
-
     def _fit(self, target: Target, request: BedrockRequest) -> Choice | None:
         if request.model_id is None:
             return Choice(target, None, None)
         if not request.balanceable:  # stays in its own region: nothing to rewrite
             rewritten = (request.model_id, request.raw_model_id)
         else:
-            rewritten = rewrite_for_region(
-                request.model_id, request.raw_model_id, target.region, self.config.cross_geography
-            )
+            rewritten = rewrite_for_region(request.model_id, request.raw_model_id, target.region, self.config.cross_geography)
         if rewritten is None or not target.allows_model(rewritten[0]):
             return None
         return Choice(target, *rewritten)
 
+    # -- choosing ------------------------------------------------------------------------------
+
+    def choose(self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None) -> Choice:
+        """The target for this request now; raises :class:`NotYet` or a :class:`BedrockError`."""
+        choices = self.eligible(request)
+        if not choices:
+            raise BedrockError("ValidationException", self._why_none(request))
+        available = [c for c in choices if self.cooldowns.available(c.target.name, c.model_id)]
+        headroom = {c.target.name: self.ledger.headroom(budgets_for(c.target, c.model_id), tokens) for c in available}
+        available = [c for c in available if headroom[c.target.name] is None or headroom[c.target.name] >= 0]
+        if not available:
+            raise self._not_yet(choices, tokens)
+        if affinity_key is not None and (sticky := self._sticky(affinity_key, available)) is not None:
+            return sticky
+        return self._by_strategy(available, headroom)
+
+    def _by_strategy(self, available: list[Choice], headroom: dict[str, float | None]) -> Choice:
+        if len(available) == 1:
+            return available[0]
+        strategy = self.config.strategy
+        if strategy == "least-outstanding":
+            return self._least_outstanding(available)
+        if strategy == "latency":
+            return min(available, key=lambda c: (self.latency_ms.get(c.target.name, -1.0), next(self._tie_breaker)))
+        if strategy == "priority":
+            best = min(c.target.priority for c in available)
+            return self._round_robin([c for c in available if c.target.priority == best])
+        if strategy == "quota":
+            room = {name: 1.0 if h is None else h for name, h in headroom.items()}
+            most = max(room[c.target.name] for c in available)
+            # Within a hair of the best counts as a tie, so equal targets share by weight.
+            return self._round_robin([c for c in available if room[c.target.name] >= most - 1e-9])
+        return self._round_robin(available)
+
     def _round_robin(self, choices: list[Choice]) -> Choice:
+        if len(choices) == 1:
+            return choices[0]
         total = 0
         best = None
         for choice in choices:
@@ -94,6 +143,50 @@ class Router:
         lowest = min(load(c) for c in choices)
         tied = [c for c in choices if load(c) == lowest]
         return tied[next(self._tie_breaker) % len(tied)]
+
+    def _not_yet(self, choices: list[Choice], tokens: int) -> NotYet:
+        retry_at = min(
+            max(
+                self.cooldowns.next_available_at(c.target.name, c.model_id),
+                self.ledger.next_fit_at(budgets_for(c.target, c.model_id), tokens),
+            )
+            for c in choices
+        )
+        names = ", ".join(str(c.target) for c in choices)
+        return NotYet(retry_at, f"every eligible target ({names}) is cooling down or out of its rpm/tpm budget")
+
+    # -- affinity ------------------------------------------------------------------------------
+
+    def _sticky(self, key: str, available: list[Choice]) -> Choice | None:
+        entry = self._affinity.get(key)
+        if entry is None:
+            return None
+        name, expires = entry
+        if expires < self.clock():
+            del self._affinity[key]
+            return None
+        return next((c for c in available if c.target.name == name), None)
+
+    def remember(self, key: str | None, target: Target) -> None:
+        """After a success: the conversation with this prefix stays with ``target`` for a while."""
+        if key is None or self.config.affinity is None:
+            return
+        self._affinity[key] = (target.name, self.clock() + self.config.affinity.ttl_s)
+        self._affinity.move_to_end(key)
+        while len(self._affinity) > self.config.affinity.max_keys:
+            self._affinity.popitem(last=False)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def started(self, target: Target) -> None:
+        self.outstanding[target.name] += 1
+
+    def finished(self, target: Target) -> None:
+        self.outstanding[target.name] -= 1
+
+    def observe_latency(self, target: Target, ms: float) -> None:
+        previous = self.latency_ms.get(target.name)
+        self.latency_ms[target.name] = ms if previous is None else previous + LATENCY_EWMA_ALPHA * (ms - previous)
 
     def _why_none(self, request: BedrockRequest) -> str:
         what = f"model {request.model_id!r}" if request.model_id else request.operation

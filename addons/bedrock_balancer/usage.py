@@ -51,6 +51,7 @@ class StreamMeter:
         self.usage = Usage()
         self.frames = 0
         self.exception: str | None = None  # ``throttlingException`` etc. once an exception frame passed
+        self.content_seen = False  # an event other than messageStart: from here on the answer is the client's
         self.corrupt = False
         self._decoder = FrameDecoder()
 
@@ -66,15 +67,18 @@ class StreamMeter:
             self.frames += 1
             if frame.message_type in ("exception", "error"):
                 self.exception = frame.exception_type or frame.error_code or "error"
-            elif frame.event_type == "metadata":
+                continue
+            if frame.event_type != "messageStart":
+                self.content_seen = True
+            if frame.event_type == "metadata":
                 self._read_converse_metadata(frame.payload)
             elif frame.event_type == "chunk" and len(frame.payload) > 64:
                 self._read_invocation_metrics(frame.payload)
 
     @property
-    def incomplete(self) -> bool:
-        """True if the bytes seen so far end in the middle of a frame."""
-        return self._decoder.pending > 0
+    def pending_bytes(self) -> int:
+        """Bytes seen that do not yet make a whole frame."""
+        return self._decoder.pending
 
     def _read_converse_metadata(self, payload: bytes) -> None:
         try:
