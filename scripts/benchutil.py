@@ -345,8 +345,10 @@ class BedrockLoad:
     def mean_used_tokens(self) -> float:
         """What the emulator settles a finished request at: input estimate + its reply's tokens."""
         from bedrock_balancer.emulator.models import estimate_input_tokens
+        from bedrock_balancer.emulator.responses import reply_pieces
 
-        return sum(estimate_input_tokens(s.body()) + 3 for s in self.specs) / len(self.specs)
+        output_tokens = len(reply_pieces("us-east-1"))  # the emulator's reply: one token per piece
+        return sum(estimate_input_tokens(s.body()) + output_tokens for s in self.specs) / len(self.specs)
 
     def send(self, client: Any, index: int) -> dict[str, str]:
         """Send request ``index``; return its response headers. Raises on any failure."""

@@ -10,6 +10,7 @@ background well before that point.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -66,7 +67,9 @@ class CredentialSource:
             frozen, expires_at = await asyncio.to_thread(self._resolve_blocking)
             self._frozen, self._expires_at = frozen, expires_at
         except Exception as e:  # botocore raises many kinds; the request gets a clear error either way
-            log.error("bedrock-balancer: cannot get AWS credentials (%s): %s", self, e)
+            # A warning, not an error: mitmdump exits on errors logged during start-up, and credentials
+            # that are missing now (instance role not ready, SSO login pending) may be there later.
+            log.warning("bedrock-balancer: cannot get AWS credentials (%s): %s", self, e)
         finally:
             self._refreshing = None
 
@@ -88,7 +91,8 @@ class CredentialSource:
         if source is None or self.role_arn is None:
             return source
         fetcher = AssumeRoleCredentialFetcher(
-            client_creator=session.create_client,
+            # STS is called in the target's region (regional STS endpoints, no dependency on us-east-1).
+            client_creator=functools.partial(session.create_client, region_name=self.region),
             source_credentials=source,
             role_arn=self.role_arn,
             extra_args={"RoleSessionName": "bedrock-balancer"},

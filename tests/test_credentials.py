@@ -1,0 +1,109 @@
+"""The proxy's own credentials: profiles, assumed roles, refresh, and never blocking the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from urllib.parse import parse_qs
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from bedrock_balancer import credentials as credentials_module
+from bedrock_balancer.credentials import CredentialSource, CredentialsUnavailable
+from bedrock_balancer.sigv4 import Credentials
+from proxyharness import PROXY_KEY, targets_for
+
+CLAUDE = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+MESSAGES = [{"role": "user", "content": [{"text": "hi"}]}]
+
+
+def test_role_arn_is_assumed_and_its_temporary_credentials_sign(emu, proxy_factory, client_via_proxy, monkeypatch):
+    # botocore's STS client for the role goes to the emulator's STS (AWS_ENDPOINT_URL_STS) and trusts its CA.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", emu.endpoint_url("us-east-1"))
+    monkeypatch.setenv("AWS_CA_BUNDLE", emu.ca_path)
+    role = "arn:aws:iam::123456789012:role/bedrock-balancer"
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-west-2"], **{"us-west-2": {"role_arn": role}})})
+    client = client_via_proxy(proxy)
+
+    client.converse(modelId=CLAUDE, messages=MESSAGES)
+
+    assume, invoke = emu.requests[0], emu.requests[-1]
+    form = parse_qs(assume.body.decode())
+    assert assume.access_key_id == PROXY_KEY and form["Action"] == ["AssumeRole"] and form["RoleArn"] == [role]
+    assert invoke.region == "us-west-2" and invoke.auth_ok
+    assert invoke.access_key_id.startswith("ASIA") and invoke.header("x-amz-security-token")
+
+
+class FakeRefreshable:
+    """Stands in for botocore's refreshable credentials: a blocking refresh we control."""
+
+    def __init__(self, expires_in_s: float):
+        self.expires_in_s = expires_in_s
+        self.gate = threading.Event()
+        self.calls = 0
+
+    @property
+    def _expiry_time(self):
+        return datetime.now(timezone.utc) + timedelta(seconds=self.expires_in_s)
+
+    def get_frozen_credentials(self):
+        self.calls += 1
+        self.gate.wait(10)  # blocking I/O, as botocore's STS or SSO calls are
+        return Credentials(f"ASIA{self.calls}", "secret", "token")
+
+
+def source_with(fake) -> CredentialSource:
+    source = CredentialSource(None, None, "us-east-1")
+    source._create_blocking = lambda: fake
+    return source
+
+
+def test_a_slow_credential_lookup_does_not_block_the_event_loop():
+    fake = FakeRefreshable(expires_in_s=3600)
+
+    async def scenario():
+        source = source_with(fake)
+        lookup = asyncio.create_task(source.get())
+        ticks = 0
+        while not lookup.done() and ticks < 5:  # the loop keeps running while botocore blocks in a thread
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 5 and not lookup.done()
+        fake.gate.set()
+        return await lookup
+
+    assert asyncio.run(scenario()).access_key == "ASIA1"
+
+
+def test_credentials_near_expiry_refresh_in_the_background():
+    fake = FakeRefreshable(expires_in_s=credentials_module.ADVISORY_REFRESH_S - 60)
+    fake.gate.set()
+
+    async def scenario():
+        source = source_with(fake)
+        first = await source.get()
+        second = await source.get()  # still valid: answered at once, a refresh starts behind it
+        assert second is first
+        await source._refreshing
+        return await source.get()
+
+    assert asyncio.run(scenario()).access_key == "ASIA2"
+
+
+def test_missing_credentials_are_a_clear_error(monkeypatch):
+    async def scenario():
+        source = CredentialSource("no-such-profile", None, "us-east-1")
+        with pytest.raises(CredentialsUnavailable, match="no AWS credentials for profile no-such-profile"):
+            await source.get()
+
+    asyncio.run(scenario())
+
+
+def test_missing_credentials_reach_the_client_as_service_unavailable(emu, proxy_factory, client_via_proxy):
+    targets = targets_for(emu, ["us-east-1"], **{"us-east-1": {"profile": "no-such-profile"}})
+    client = client_via_proxy(proxy_factory({"retry": {"max_attempts": 1}, "targets": targets}))
+
+    with pytest.raises(client.exceptions.ServiceUnavailableException, match="no AWS credentials for profile no-such-profile"):
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    assert emu.requests == []

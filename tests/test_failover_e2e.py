@@ -1,0 +1,216 @@
+"""Never surface a throttle: failover, cooldowns, stream errors and quotas, through the real proxy."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import Counter
+
+import pytest
+from botocore.exceptions import EventStreamError
+
+from proxyharness import targets_for
+
+CLAUDE = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+MESSAGES = [{"role": "user", "content": [{"text": "Which region are you in?"}]}]
+FAST_RETRY = {"max_attempts": 4, "deadline_s": 10, "stall_timeout_s": 1, "cooldown_base_s": 0.05, "cooldown_max_s": 0.2}
+
+
+def served_region(response) -> str:
+    return response["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"]
+
+
+def attempts_header(response) -> list[tuple[str, str]]:
+    header = response["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-attempts"]
+    parts = [dict(kv.split("=") for kv in attempt.split(";")) for attempt in header.split(", ")]
+    return [(p["region"], p["status"]) for p in parts]
+
+
+def two_regions(emu, strategy="round-robin", retry=FAST_RETRY, **extra):
+    return {"strategy": strategy, "retry": retry, "targets": targets_for(emu, ["us-east-1", "us-west-2"]), **extra}
+
+
+@pytest.mark.parametrize("mode, status", [("throttle", "429"), ("not_ready", "429"), ("fail", "503"), ("error500", "500"), ("drop", "0")])
+def test_failing_region_is_invisible_to_the_client(emu, proxy_factory, client_via_proxy, mode, status):
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "cooldown_base_s": 5, "cooldown_max_s": 10}))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", mode)
+
+    responses = [client.converse(modelId=CLAUDE, messages=MESSAGES) for _ in range(4)]
+
+    assert {served_region(r) for r in responses} == {"us-west-2"}
+    # Round-robin tries us-east-1 first once; then it cools down and is not asked again meanwhile.
+    assert [attempts_header(r) for r in responses] == [[("us-east-1", status), ("us-west-2", "200")]] + [[("us-west-2", "200")]] * 3
+    record = next(r for r in proxy.access_records() if len(r["attempts"]) > 1)
+    assert record["status"] == 200 and record["attempts"][0]["region"] == "us-east-1"
+
+
+def test_timeout_fails_over(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu, timeouts={"read_s": 0.5}))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "stall")
+
+    regions = [served_region(client.converse(modelId=CLAUDE, messages=MESSAGES)) for _ in range(2)]
+
+    assert regions == ["us-west-2", "us-west-2"]
+    assert proxy.access_records()[0]["attempts"][0]["error"] == "timed out"
+
+
+def test_stalled_stream_is_abandoned_and_the_healthy_one_still_streams(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "stall_timeout_s": 0.5}))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "stall")
+    held = emu.hold_streams("us-west-2")
+    try:
+        response = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+        stream = iter(response["stream"])
+        first_events = [next(stream), next(stream)]  # messageStart, then the first delta: while us-west-2 is held
+        assert not held.released
+    finally:
+        held.release()
+    rest = list(stream)
+
+    assert "messageStart" in first_events[0] and "contentBlockDelta" in first_events[1]
+    assert "metadata" in rest[-1]
+    assert attempts_header(response) == [("us-east-1", "0"), ("us-west-2", "200")]
+    assert proxy.access_records()[0]["attempts"][0]["error"] == "stalled before its first event"
+
+
+@pytest.mark.parametrize("operation", ["converse_stream", "invoke_model_with_response_stream"])
+def test_exception_as_first_frame_fails_over_like_a_429(emu, proxy_factory, client_via_proxy, operation):
+    proxy = proxy_factory(two_regions(emu))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "stream_first_exception")
+
+    if operation == "converse_stream":
+        response = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+        events = list(response["stream"])
+        assert "metadata" in events[-1]
+    else:
+        response = client.invoke_model_with_response_stream(modelId=CLAUDE, body=b'{"max_tokens": 20, "messages": []}')
+        chunks = [e["chunk"]["bytes"] for e in response["body"]]
+        assert b"message_stop" in chunks[-1]
+
+    assert served_region(response) == "us-west-2"
+    assert [(a["region"], a["error"]) for a in proxy.access_records()[0]["attempts"][:1]] == [("us-east-1", "stream throttlingException")]
+
+
+def test_failed_over_stream_delivers_events_while_the_healthy_target_produces_them(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "throttle")
+    held = emu.hold_streams("us-west-2")
+    try:
+        response = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+        stream = iter(response["stream"])
+        assert "messageStart" in next(stream) and "contentBlockDelta" in next(stream)
+        assert not held.released
+    finally:
+        held.release()
+    assert "metadata" in list(stream)[-1]
+    assert attempts_header(response) == [("us-east-1", "429"), ("us-west-2", "200")]
+
+
+def test_a_stream_cut_after_content_ends_with_an_error_never_a_clean_end(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "stream_cut")
+    emu.set_mode("us-west-2", "stream_cut")
+
+    response = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+    received = []
+    with pytest.raises(EventStreamError) as raised:
+        for event in response["stream"]:
+            received.append(event)
+
+    assert raised.value.response["Error"]["Code"] == "serviceUnavailableException"
+    assert "incomplete" in str(raised.value)
+    assert any("contentBlockDelta" in e for e in received)  # content had reached the client: no retry
+    record = proxy.access_records()[0]
+    assert record["stream"] == "truncated" and len(record["attempts"]) == 1 and "broke" in record["error"]
+
+
+def test_when_every_target_cools_down_the_request_waits_for_the_first_to_recover(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "cooldown_base_s": 0.3}))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "throttle", count=1)
+    emu.set_mode("us-west-2", "throttle", count=1)
+
+    response = client.converse(modelId=CLAUDE, messages=MESSAGES)
+
+    statuses = [status for _, status in attempts_header(response)]
+    assert statuses == ["429", "429", "200"]  # the third attempt came after waiting for a cooldown to end
+
+
+def test_when_nothing_recovers_before_the_deadline_the_client_gets_a_throttling_exception(emu, proxy_factory, client_via_proxy):
+    retry = {"max_attempts": 10, "deadline_s": 1.0, "cooldown_base_s": 0.2, "cooldown_max_s": 0.4}
+    proxy = proxy_factory(two_regions(emu, retry=retry))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "throttle")
+    emu.set_mode("us-west-2", "throttle")
+
+    with pytest.raises(client.exceptions.ThrottlingException):
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+
+    record = proxy.access_records()[0]
+    assert record["status"] == 429
+    assert len(record["attempts"]) > 2  # it waited for cooldowns and tried again before giving up
+
+
+def test_priority_keeps_the_preferred_region_and_spills_when_it_throttles(emu, proxy_factory, client_via_proxy):
+    targets = targets_for(emu, ["us-east-1", "us-west-2"], **{"us-west-2": {"priority": 1}})
+    proxy = proxy_factory({"strategy": "priority", "retry": FAST_RETRY, "targets": targets})
+    client = client_via_proxy(proxy)
+
+    before = {served_region(client.converse(modelId=CLAUDE, messages=MESSAGES)) for _ in range(3)}
+    emu.set_mode("us-east-1", "throttle")
+    during = served_region(client.converse(modelId=CLAUDE, messages=MESSAGES))
+
+    assert before == {"us-east-1"} and during == "us-west-2"
+
+
+def test_affinity_keeps_a_conversation_in_one_region(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu, affinity=True))
+    client = client_via_proxy(proxy)
+    conversation = [{"role": "user", "content": [{"text": "Remember the number 7."}]}]
+
+    regions = []
+    for turn in range(4):
+        response = client.converse(modelId=CLAUDE, messages=conversation, system=[{"text": "be brief"}])
+        regions.append(served_region(response))
+        conversation += [response["output"]["message"], {"role": "user", "content": [{"text": f"turn {turn}"}]}]
+    other = {served_region(client.converse(modelId=CLAUDE, messages=[{"role": "user", "content": [{"text": f"new {i}"}]}])) for i in range(4)}
+
+    assert len(set(regions)) == 1
+    assert other == {"us-east-1", "us-west-2"}
+
+
+def test_uneven_quotas_under_concurrent_load_never_throttle_the_client(emu, proxy_factory, client_via_proxy):
+    limits = {"us-east-1": 3, "us-west-2": 9, "eu-west-1": 6}
+    for region, rpm in limits.items():
+        emu.set_quota(region, rpm=rpm)
+    targets = targets_for(emu, list(limits), **{r: {"rpm": rpm} for r, rpm in limits.items()})
+    proxy = proxy_factory({"strategy": "quota", "retry": FAST_RETRY, "targets": targets})
+    client = client_via_proxy(proxy)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        regions = list(pool.map(lambda _: served_region(client.converse(modelId=CLAUDE, messages=MESSAGES)), range(16)))
+
+    assert len(regions) == 16
+    served = Counter(regions)
+    assert all(served[r] <= limits[r] for r in limits), served
+    assert [r.status for r in emu.requests].count(429) == 0  # the proxy never even sent one over a budget
+
+
+def test_reservations_settle_to_real_usage(emu, proxy_factory, client_via_proxy):
+    targets = targets_for(emu, ["us-east-1"], **{"us-east-1": {"rpm": 100, "tpm": 100_000}})
+    proxy = proxy_factory({"targets": targets})
+    client = client_via_proxy(proxy)
+
+    converse = client.converse(modelId=CLAUDE, messages=MESSAGES, inferenceConfig={"maxTokens": 4000})
+    stream = client.converse_stream(modelId=CLAUDE, messages=MESSAGES, inferenceConfig={"maxTokens": 4000})
+    metadata = list(stream["stream"])[-1]["metadata"]
+
+    used = converse["usage"]["inputTokens"] + converse["usage"]["outputTokens"]
+    used += metadata["usage"]["inputTokens"] + metadata["usage"]["outputTokens"]
+    requests, tokens = proxy.balancer.router.ledger.usage(("us-east-1", "*"))
+    assert requests == 2 and tokens == used  # not the 8000+ reserved while the requests ran
