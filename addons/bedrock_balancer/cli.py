@@ -6,7 +6,8 @@ Defaults, each overridden by the same option given on the command line:
 * regular mode, so apps use it through ``HTTPS_PROXY``;
 * the CA in ``certs/`` of a source checkout, or ``$XDG_DATA_HOME/bedrock-balancer/certs``
   (``~/.local/share/bedrock-balancer/certs``) for an installed copy; created on first run;
-* ``connection_strategy=lazy``: the destination is chosen per request.
+* ``connection_strategy=lazy``: the destination is chosen per request;
+* ``flow_detail=0``: the balancer's own line per request replaces mitmdump's flow dump (``-v`` brings it back).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _user_gave(args: list[str], option: str, *flags: str) -> bool:
 
 def default_args(args: list[str]) -> list[str]:
     defaults = ["--set", "connection_strategy=lazy"]
+    if not _user_gave(args, "flow_detail", "--flow-detail", "-v", "-vv", "-vvv", "-q", "--quiet"):
+        defaults += ["--set", "flow_detail=0"]  # the balancer logs one line per request itself
     if not _user_gave(args, "listen_host", "--listen-host"):
         defaults += ["--set", "listen_host=127.0.0.1"]
     if not _user_gave(args, "confdir"):
