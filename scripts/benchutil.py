@@ -151,7 +151,8 @@ def isolated_aws_env(access_key_id: str | None = None, secret: str | None = None
         PYTHONUNBUFFERED="1",
         NO_PROXY="*",
     )
-    env.pop("HTTPS_PROXY", None), env.pop("HTTP_PROXY", None), env.pop("https_proxy", None), env.pop("http_proxy", None)
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
+        env.pop(name, None)
     if access_key_id and secret:
         env.update(AWS_ACCESS_KEY_ID=access_key_id, AWS_SECRET_ACCESS_KEY=secret)
     return env
@@ -385,7 +386,7 @@ def boto_client(endpoint_url: str, region: str, credentials: tuple[str, str], re
         retries=retries,
         max_pool_connections=pool,
         connect_timeout=5,
-        read_timeout=60,
+        read_timeout=30,
         tcp_keepalive=True,
         proxies={},
     )

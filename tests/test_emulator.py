@@ -68,7 +68,7 @@ ANTHROPIC_BODY = json.dumps(
     }
 )
 NO_RETRIES = Config(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=10)
-SIGV4_SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sigv4-testsuite"
+SIGV4_SUITE = Path(__file__).resolve().parent / "data" / "sigv4-testsuite"  # the official AWS suite (Apache-2.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -558,7 +558,6 @@ def _suite_verify(method, target, headers, body, token=None):
     )
 
 
-@pytest.mark.skipif(not _suite_cases(), reason="shared/data/sigv4-testsuite not present")
 @pytest.mark.parametrize("case", _suite_cases(), ids=lambda path: path.name)
 def test_official_sigv4_suite(case):
     method, target, headers, body = _parse_suite_request(case.with_suffix(".sreq").read_text("utf-8"))
@@ -585,7 +584,7 @@ path_segments = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="/?#", exclude_categories=("Cs", "Cc")),
     min_size=1,
     max_size=12,
-)
+).filter(lambda segment: segment not in (".", ".."))  # dot segments normalise away: a changed path could sign the same
 query_items = st.lists(
     st.tuples(st.text(min_size=1, max_size=6), st.text(max_size=6)), max_size=3
 )

@@ -1,4 +1,4 @@
-"""The project's SigV4 code against the official AWS SigV4 test suite (shared/data/sigv4-testsuite)."""
+"""The project's SigV4 code against the official AWS SigV4 test suite (tests/data/sigv4-testsuite, Apache-2.0)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 from bedrock_balancer import sigv4
 
-SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sigv4-testsuite"
+SUITE = Path(__file__).resolve().parent / "data" / "sigv4-testsuite"
 SUITE_CREDENTIALS = dict(access_key="AKIDEXAMPLE", secret_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
 CASES = sorted(p.parent for p in SUITE.rglob("*.req"))
 

@@ -53,26 +53,16 @@ EVENT_STREAM = "application/vnd.amazon.eventstream"
 
 # Request headers that never travel upstream: the client's own authentication (the proxy signs
 # afresh), hop-by-hop headers, and those the HTTP client sets itself.
-DROPPED_REQUEST_HEADERS = frozenset(
-    {
-        "authorization",
-        "x-amz-date",
-        "x-amz-security-token",
-        "x-amz-content-sha256",
-        "host",
-        "content-length",
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-        EXCHANGE_HEADER,
-    }
-)
+DROPPED_REQUEST_HEADERS = sigv4.HOP_BY_HOP_HEADERS | {
+    "authorization",
+    "x-amz-date",
+    "x-amz-security-token",
+    "x-amz-content-sha256",
+    "host",
+    "content-length",
+    "expect",
+    EXCHANGE_HEADER,
+}
 # Answers worth trying elsewhere: throttled (ThrottlingException, ModelNotReadyException), and server
 # failures, including those of gateways in between. Client errors (400, 403, 404, 424) are final.
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -80,9 +70,7 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 RETRYABLE_STREAM_EXCEPTIONS = frozenset(
     {"throttlingException", "serviceUnavailableException", "internalServerException", "modelStreamErrorException", "modelNotReadyException"}
 )
-DROPPED_RESPONSE_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te", "trailer", "upgrade"}
-)
+DROPPED_RESPONSE_HEADERS = sigv4.HOP_BY_HOP_HEADERS | {"content-length"}
 
 
 @dataclass

@@ -27,25 +27,13 @@ from urllib.parse import quote, unquote
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
-# Headers that never take part in a signature: hop-by-hop headers a proxy may change, and the ones
-# botocore leaves out because intermediaries rewrite them.
-UNSIGNABLE_HEADERS = frozenset(
-    {
-        "authorization",
-        "connection",
-        "content-length",
-        "expect",
-        "keep-alive",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "user-agent",
-        "x-amzn-trace-id",
-    }
+# Hop-by-hop headers (RFC 9110 7.6.1 and their common legacy forms): each hop may change them.
+HOP_BY_HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
+# Headers that never take part in a signature: hop-by-hop ones, and those botocore leaves out because
+# intermediaries rewrite them.
+UNSIGNABLE_HEADERS = HOP_BY_HOP_HEADERS | {"authorization", "content-length", "expect", "user-agent", "x-amzn-trace-id"}
 
 _WHITESPACE = re.compile(r"\s+")
 
