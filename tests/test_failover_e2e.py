@@ -214,3 +214,22 @@ def test_reservations_settle_to_real_usage(emu, proxy_factory, client_via_proxy)
     used += metadata["usage"]["inputTokens"] + metadata["usage"]["outputTokens"]
     requests, tokens = proxy.balancer.router.ledger.usage(("us-east-1", "*"))
     assert requests == 2 and tokens == used  # not the 8000+ reserved while the requests ran
+
+
+def test_failed_over_flows_are_marked_for_mitmweb(emu, proxy_factory, client_via_proxy):
+    from mitmproxy import http as mhttp
+
+    shown = []
+
+    class Recorder:
+        def response(self, flow: mhttp.HTTPFlow) -> None:
+            shown.append((flow.marked, flow.comment))
+
+    proxy = proxy_factory(two_regions(emu))
+    proxy.master.addons.add(Recorder())
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "throttle", count=1)
+
+    client.converse(modelId=CLAUDE, messages=MESSAGES)
+
+    assert shown == [(":repeat:", "us-east-1 → us-west-2 after 2 attempts (us-east-1 429)")]
