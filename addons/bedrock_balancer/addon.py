@@ -146,6 +146,16 @@ class BedrockBalancer:
         return classify.is_bedrock_host(flow.request.host)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._request(flow)
+        except Exception:
+            # Never let a bug forward the request as it stands (to the client's original host, or to a
+            # half-rewritten one): answer it here instead.
+            log.exception("bedrock-balancer: internal error on %s", flow.request.pretty_url)
+            if isinstance(flow.metadata.get(METADATA_KEY), (Exchange, float)):
+                flow.response = _error_response(BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)"))
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
         if self.relay is not None and (flow.request.host, flow.request.port) == self.relay.address:
@@ -161,6 +171,14 @@ class BedrockBalancer:
             self._finish(flow, None, started, error=str(e))
             return
         flow.metadata[METADATA_KEY] = exchange
+        if not exchange.request.streaming:
+            # mitmproxy sends a non-streamed answer whole anyway: the relay's client fetches it (with
+            # failover) and the flow gets it here, with no loopback hop and no upstream connection of
+            # mitmproxy's own.
+            answer = await self.relay.run(exchange)
+            flow.response = http.Response.make(answer.status, answer.body, _headers(answer.headers))
+            self._show_upstream_request(flow, exchange)
+            return
         token = self.relay.register(exchange)
         flow.request.scheme, flow.request.host, flow.request.port = "http", *self.relay.address
         # Only the client's forwardable headers (and Host) travel even the loopback hop.
@@ -215,11 +233,10 @@ class BedrockBalancer:
         if target is None:
             return
         request = flow.request
-        request.scheme, request.host, request.port = target.scheme, target.host, target.port
-        request.path = _upstream_path_with_query(exchange)
-        request.headers.clear()
-        for name, value in redacted(exchange.sent_headers):
-            request.headers.add(name, value)
+        # Assigned wholesale: mitmproxy's per-field setters and Headers.clear() are slow on a hot path.
+        request.data.scheme, request.data.host, request.data.port = target.scheme.encode(), target.host, target.port
+        request.data.path = _upstream_path_with_query(exchange).encode()
+        request.headers = _headers(redacted(exchange.sent_headers))
 
     def response(self, flow: http.HTTPFlow) -> None:
         exchange = flow.metadata.get(METADATA_KEY)
@@ -315,6 +332,10 @@ def _log_line(record: dict) -> str:
 def _upstream_path_with_query(exchange: Exchange) -> str:
     path = upstream_path(exchange, exchange.choice)
     return f"{path}?{exchange.raw_query}" if exchange.raw_query else path
+
+
+def _headers(pairs: list[tuple[str, str]]) -> http.Headers:
+    return http.Headers([(name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in pairs])
 
 
 def _error_response(error: BedrockError) -> http.Response:

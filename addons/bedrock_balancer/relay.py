@@ -118,6 +118,15 @@ class Exchange:
 
 
 @dataclass
+class Answer:
+    """A whole (non-streamed) answer for the client: from upstream, or made by the proxy."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
 class Failure:
     """An attempt that did not produce an answer worth giving the client; another target may."""
 
@@ -207,10 +216,20 @@ class Relay:
     # -- one client request: attempts until one answers ----------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The loopback server's handler: streaming exchanges that mitmproxy forwards here."""
         exchange = self._exchanges.pop(request.headers.get(EXCHANGE_HEADER, ""), None)
         if exchange is None:
-            return _error_response(BedrockError("AccessDeniedException", "bedrock-balancer: not a request the proxy accepted"))
+            return _web_response(_error_answer(BedrockError("AccessDeniedException", "bedrock-balancer: not a request the proxy accepted")))
         await request.read()  # the addon already holds the body; drain what mitmproxy sent
+        outcome = await self.run(exchange, request)
+        return _web_response(outcome) if isinstance(outcome, Answer) else outcome
+
+    async def run(self, exchange: Exchange, stream_to: web.BaseRequest | None = None) -> Answer | web.StreamResponse:
+        """Attempts until one answers, or the retry budget is spent.
+
+        Non-streaming requests are answered whole (the addon hands the Answer to mitmproxy itself, so
+        they skip the loopback hop); an event stream is piped to ``stream_to`` as it arrives.
+        """
         retry = self.config.retry
         deadline = exchange.started + retry.deadline_s
         failure: Failure | None = None
@@ -221,7 +240,7 @@ class Relay:
                 return self._proxy_error(exchange, e)
             if choice is None:  # waited for a target until the deadline
                 break
-            outcome = await self._attempt(exchange, choice, request)
+            outcome = await self._attempt(exchange, choice, stream_to)
             if not isinstance(outcome, Failure):
                 return outcome
             failure = outcome
@@ -240,12 +259,12 @@ class Relay:
                     return None
                 await asyncio.sleep(max(0.0, not_yet.retry_at - now))
 
-    def _give_up(self, exchange: Exchange, failure: Failure | None) -> web.Response:
+    def _give_up(self, exchange: Exchange, failure: Failure | None) -> Answer:
         if failure is not None and failure.status is not None:  # the last upstream answer, as it was
             exchange.status = failure.status
             exchange.error = f"gave up after {len(exchange.attempts)} attempts: {failure.reason}"
             headers = [(n, v) for n, v in failure.headers or [] if n.lower() not in DROPPED_RESPONSE_HEADERS]
-            return web.Response(status=failure.status, headers=headers + self._balancer_headers(exchange), body=failure.body)
+            return Answer(failure.status, headers + self._balancer_headers(exchange), failure.body)
         if failure is not None:
             message = f"bedrock-balancer: no target answered after {len(exchange.attempts)} attempts (last: {failure.reason})"
             return self._proxy_error(exchange, BedrockError("ServiceUnavailableException", message))
@@ -255,7 +274,7 @@ class Relay:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    async def _attempt(self, exchange: Exchange, choice: Choice, request: web.BaseRequest) -> web.StreamResponse | Failure:
+    async def _attempt(self, exchange: Exchange, choice: Choice, stream_to: web.BaseRequest | None) -> Answer | web.StreamResponse | Failure:
         target, model = choice.target, choice.model_id
         attempt = Attempt(target.name, target.region)
         exchange.attempts.append(attempt)
@@ -280,7 +299,11 @@ class Relay:
                     body = await upstream.read()
                     verdict = True
                     return self._failed(exchange, choice, attempt, started, upstream, body)
-                is_stream = upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(EVENT_STREAM)
+                is_stream = (
+                    stream_to is not None
+                    and upstream.status == 200
+                    and upstream.headers.get("Content-Type", "").startswith(EVENT_STREAM)
+                )
                 if is_stream:
                     head, meter = await self._read_until_content(upstream)
             if is_stream:
@@ -289,7 +312,7 @@ class Relay:
                     reason = meter.exception or ("sent a corrupt frame" if meter.corrupt else "ended the stream before its first event")
                     return self._unreachable(choice, attempt, started, f"stream {reason}", whole_target=False)
                 self._succeeded(exchange, choice, attempt, started)
-                response = await self._stream(exchange, upstream, request, head, meter)
+                response = await self._stream(exchange, upstream, stream_to, head, meter)
                 self.router.ledger.settle(reservation, _tokens_used(exchange.usage, exchange.tokens))
                 settled = True
                 return response
@@ -299,7 +322,7 @@ class Relay:
             exchange.usage = usage.from_response(upstream.headers.get, body)
             self.router.ledger.settle(reservation, _tokens_used(exchange.usage, exchange.tokens))
             settled = True
-            return web.Response(status=upstream.status, headers=self._response_headers(exchange, upstream), body=body)
+            return Answer(upstream.status, self._response_headers(exchange, upstream), body)
         except CredentialsUnavailable as e:
             attempt.error, attempt.ms = "credentials", _ms_since(started)
             return Failure(str(e))
@@ -414,11 +437,12 @@ class Relay:
             headers += [(REGION_HEADER, last.region), (TARGET_HEADER, last.target)]
         return headers
 
-    def _proxy_error(self, exchange: Exchange, error: BedrockError) -> web.Response:
+    def _proxy_error(self, exchange: Exchange, error: BedrockError) -> Answer:
         exchange.status = error.status
         exchange.error = str(error)
-        status, headers, body = error.wire()
-        return web.Response(status=status, headers=list(headers.items()) + self._balancer_headers(exchange), body=body)
+        answer = _error_answer(error)
+        answer.headers += self._balancer_headers(exchange)
+        return answer
 
 
 class _ClientGone(Exception):
@@ -446,6 +470,10 @@ def _ms_since(started: float) -> float:
     return (time.monotonic() - started) * 1000
 
 
-def _error_response(error: BedrockError) -> web.Response:
+def _error_answer(error: BedrockError) -> Answer:
     status, headers, body = error.wire()
-    return web.Response(status=status, headers=headers, body=body)
+    return Answer(status, list(headers.items()), body)
+
+
+def _web_response(answer: Answer) -> web.Response:
+    return web.Response(status=answer.status, headers=answer.headers, body=answer.body)

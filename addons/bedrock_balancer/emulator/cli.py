@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock-skew", type=float, default=300, help="accepted clock skew in seconds")
     parser.add_argument("--fast", action="store_true", help="no per-event delay in streams")
     parser.add_argument(
+        "--stamp-events", action="store_true",
+        help="put each stream event's send time (monotonic ns) in its padding field p, for benchmarks",
+    )
+    parser.add_argument(
         "--record-limit", type=int, default=10000, help="requests kept for /_emulator/requests (0: all)"
     )
     return parser
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         cert_dir=args.cert_dir,
         clock_skew_s=args.clock_skew,
         fast=args.fast,
+        stamp_events=args.stamp_events,
         port=args.port,
         record_limit=args.record_limit or None,
     )

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from ..eventstream import exception_frame
+from ..eventstream import decode_frames, encode_frame, exception_frame
 from . import responses as wire
 from . import sts
 from .httpserver import HttpRequest, HttpServer, ResponseChannel
@@ -302,6 +302,7 @@ class Emulator:
         cert_dir: str | None = None,
         clock_skew_s: float = 300,
         fast: bool = False,
+        stamp_events: bool = False,
         port: int = 0,
         record_limit: int | None = None,
     ) -> None:
@@ -319,6 +320,9 @@ class Emulator:
         self.host = host
         self.clock_skew_s = clock_skew_s
         self.fast = fast
+        # Benchmarks: each event's padding field "p" carries the monotonic time (ns) it was sent, so a
+        # client on the same machine can measure how long each event took to reach it.
+        self.stamp_events = stamp_events
         self.event_delay_s = 0.0 if fast else STREAM_EVENT_DELAY_S
         self._base_port = port
         if credentials is None:
@@ -786,6 +790,8 @@ class Emulator:
     async def _send_event(self, call: _Call, frame: bytes) -> None:
         if self.event_delay_s:
             await asyncio.sleep(self.event_delay_s)
+        if self.stamp_events:
+            frame = _stamped(frame)
         await call.channel.send_chunk(frame)
 
     # ----------------------------------------------------------------------------------------------
@@ -954,3 +960,11 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError("ValidationException", MALFORMED_INPUT_MESSAGE)
     return value
+
+
+def _stamped(frame: bytes) -> bytes:
+    """The same event with its padding replaced by the send time (``t<monotonic ns>``)."""
+    (decoded,) = decode_frames(frame)
+    payload = json.loads(decoded.payload)
+    payload["p"] = f"t{time.monotonic_ns()}"
+    return encode_frame(decoded.headers, json.dumps(payload, separators=(",", ":")).encode())
