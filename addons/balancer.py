@@ -6,5 +6,6 @@ loads the script, so this works from a source checkout as well as from an instal
 """
 
 from bedrock_balancer.addon import BedrockBalancer
+from bedrock_balancer.contentview import BedrockViews
 
-addons = [BedrockBalancer()]
+addons = [BedrockBalancer(), BedrockViews()]

@@ -1,21 +1,31 @@
 """The mitmproxy glue: options, hooks, logging. The decisions live in plain modules.
 
-Per Bedrock flow: ``request`` classifies it and hands it to the relay (see :mod:`.relay`), which
-chooses a target, rewrites, signs and sends; ``responseheaders`` turns on streaming for event streams
-and shows in the flow where the request really went; ``response``/``error`` log the outcome.
+Per Bedrock flow: ``request`` checks it (hygiene, client authentication, per-client limits; see
+:mod:`.clientauth`), classifies it and hands it to the relay (see :mod:`.relay`), which chooses a target,
+rewrites, signs and sends; ``responseheaders`` turns on streaming for event streams and shows in the flow
+where the request really went; ``response``/``error`` log the outcome.
+
+Who may use the proxy: ``client_connected`` refuses clients on other hosts unless clients authenticate
+(or ``bedrock_allow_unauthenticated`` says otherwise); ``http_connect``, ``request`` and
+``server_connect`` keep the proxy's own listeners out of reach and let clients on other hosts reach
+nothing but Bedrock.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
+import socket
 import ssl
 import time
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs
 
-from . import accesslog, affinity, classify, config as config_module, quota
+from . import accesslog, admin, affinity, classify, clientauth, config as config_module, contentview, quota
 from .credentials import CredentialStore
 from .errors import BedrockError
 from .relay import EVENT_STREAM, EXCHANGE_HEADER, Exchange, Relay, forwardable_headers, redacted, upstream_path
@@ -24,6 +34,14 @@ from .routing import Router
 log = logging.getLogger("bedrock_balancer")
 
 METADATA_KEY = "bedrock_balancer"
+CLIENT_NAME_KEY = METADATA_KEY + ".client_name"
+DEFAULT_STREAM_COPY = 1024 * 1024
+# Bedrock's largest documented request is an InvokeModel body of 20 MB; 25 MiB leaves headroom.
+DEFAULT_MAX_BODY = 25 * 1024 * 1024
+# mitmproxy buffers a request body before the request hook sees it. Its own body_size_limit (which
+# answers a plain 413 instead of buffering more) is set this far above bedrock_max_body, so no body can
+# exhaust memory while every body up to it still gets a Bedrock-format 413.
+BODY_BACKSTOP_HEADROOM = 64 * 1024 * 1024
 FAILURE_MARKER = ":warning:"
 FAILOVER_MARKER = ":repeat:"
 
@@ -36,6 +54,18 @@ class BedrockBalancer:
         self.router: Router | None = None
         self.relay: Relay | None = None
         self.access_log: accesslog.AccessLog | None = None
+        self.authenticator: clientauth.Authenticator | None = None
+        self.client_limits: clientauth.ClientLimits | None = None
+        # Per-flow state lives here, keyed by flow id, not in flow.metadata: mitmproxy must be able to
+        # serialise metadata (saved flows, mitmweb), and an Exchange holds the request and its signature.
+        self._client_reservations: dict[str, tuple] = {}  # flow id -> (reservation, tokens reserved)
+        self._started: dict[str, float] = {}  # flow id -> monotonic start, for every Bedrock flow
+        self._exchanges: dict[str, Exchange] = {}  # flow id -> its exchange, once classified
+        self._tokens: dict[str, str] = {}  # flow id -> relay token, for streamed flows
+        self.metrics: admin.Metrics | None = None
+        self.admin: admin.AdminServer | None = None
+        self._running = False
+        self._body_backstop: str | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -56,13 +86,59 @@ class BedrockBalancer:
             "In regular and transparent modes, intercept only Bedrock Runtime hosts and tunnel everything else "
             "untouched (sets allow_hosts unless you set allow_hosts or ignore_hosts yourself).",
         )
+        loader.add_option(
+            "bedrock_allow_unauthenticated", bool, False,
+            "Accept clients from other hosts although bedrock_config configures no client authentication "
+            "(clients, api_keys). Without it the proxy accepts only loopback clients and refuses to listen on "
+            "other addresses: whoever reaches it spends its AWS credentials.",
+        )
+        loader.add_option(
+            "bedrock_max_body", int, DEFAULT_MAX_BODY,
+            "Largest Bedrock request body in bytes; bigger ones are answered 413 RequestEntityTooLargeException "
+            "(default 25 MiB: Bedrock's largest documented request, InvokeModel, is 20 MB).",
+        )
+        loader.add_option(
+            "bedrock_admin", str, "",
+            "Admin listener HOST:PORT (e.g. 127.0.0.1:9090) serving /metrics (Prometheus) and /status (JSON). "
+            "Off when empty. It has no authentication: keep it on loopback or a private interface.",
+        )
+        loader.add_option(
+            "bedrock_stream_copy", int, DEFAULT_STREAM_COPY,
+            "Keep the first N bytes of each streamed Bedrock answer on the flow, for mitmweb's event-stream view "
+            "and saved flows (0: keep nothing). The client always receives every byte as it arrives.",
+        )
+        loader.add_option(
+            "bedrock_debug_signatures", bool, False,
+            "When client authentication rejects a signature, say in the 403 which canonical request and string "
+            "to sign the proxy computed (as S3 does), to debug a client's signing.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if {"bedrock_config", "bedrock_regions"} & updated:
-            self.config = self._load_config()
+            config = self._load_config()
+            # Checked before anything changes: a refused update must leave the running proxy as it was.
+            if self._running and (problem := self._exposure_problem(config)):
+                raise exceptions.OptionsError(problem)
+            self.config = config
             self.router = Router(self.config) if self.config else None
+            self.metrics = admin.Metrics(self.router) if self.router else None
             if self.config:
                 log.info("bedrock-balancer: %s over %s", self.config.strategy, ", ".join(f"{t} -> {t.endpoint_url}" for t in self.config.targets))
+        if {"bedrock_config", "bedrock_regions", "bedrock_debug_signatures", "keep_host_header"} & updated:
+            self._configure_client_auth()
+        if {"bedrock_max_body", "body_size_limit"} & updated:
+            self._configure_body_limit()
+        if self._running and {"listen_host", "mode", "bedrock_allow_unauthenticated"} & updated:
+            # At start-up this is checked in ``running``, once every option has its final value.
+            if problem := self._exposure_problem(self.config):
+                raise exceptions.OptionsError(problem)
+        if "bedrock_admin" in updated and ctx.options.bedrock_admin:
+            try:
+                admin.parse_listen_address(ctx.options.bedrock_admin)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"bedrock_admin: {e}") from None
+        if "bedrock_stream_copy" in updated and ctx.options.bedrock_stream_copy < 0:
+            raise exceptions.OptionsError("bedrock_stream_copy: must be 0 or a positive number of bytes")
         if "bedrock_access_log" in updated:
             if self.access_log:
                 self.access_log.close()
@@ -90,6 +166,81 @@ class BedrockBalancer:
             raise exceptions.OptionsError(f"bedrock-balancer: {e}") from None
         return None
 
+    def _configure_client_auth(self) -> None:
+        config = self.config
+        if config is None or not config.authenticates_clients:
+            self.authenticator = self.client_limits = None
+            return
+        self.authenticator = clientauth.Authenticator(
+            config.clients, config.api_keys, debug_signatures=ctx.options.bedrock_debug_signatures
+        )
+        self.client_limits = clientauth.ClientLimits(config.client_limits, config.quota_window_s)
+        if not ctx.options.keep_host_header:
+            # Reverse mode rewrites the Host header to the reverse target before any hook runs; the client
+            # signed its own Host, so verification needs it kept. (The relay sets the upstream Host itself.)
+            ctx.options.update(keep_host_header=True)
+
+    def _configure_body_limit(self) -> None:
+        max_body = ctx.options.bedrock_max_body
+        if max_body < 1:
+            raise exceptions.OptionsError("bedrock_max_body: must be a positive number of bytes")
+        backstop = str(max_body + BODY_BACKSTOP_HEADROOM)
+        current = ctx.options.body_size_limit
+        if (not current or current == self._body_backstop) and current != backstop:
+            self._body_backstop = backstop
+            ctx.options.update(body_size_limit=backstop)
+
+    def _listen_hosts(self) -> list[str]:
+        """The addresses the proxy's servers listen on (``""``: every interface)."""
+        hosts = []
+        for spec in ctx.options.mode:
+            mode = mode_specs.ProxyMode.parse(spec)
+            if mode.listen_port(ctx.options.listen_port) is None:
+                continue  # modes that take no network clients (local redirect)
+            hosts.append(mode.listen_host(ctx.options.listen_host))
+        return hosts
+
+    def _exposure_problem(self, config: config_module.Config | None) -> str | None:
+        """Why the proxy must not serve with ``config`` (unauthenticated, yet reachable from other hosts), or None."""
+        if config is None or config.authenticates_clients or ctx.options.bedrock_allow_unauthenticated:
+            return None
+        exposed = [h for h in self._listen_hosts() if not clientauth.is_local_listen_address(h)]
+        if not exposed:
+            return None
+        where = ", ".join(repr(h) if h else "every interface (listen_host is empty)" for h in dict.fromkeys(exposed))
+        return (
+            f"bedrock-balancer: refusing to listen on {where} without client authentication: anyone who can reach "
+            "the proxy would spend its AWS credentials. Configure clients or api_keys in bedrock_config, listen on "
+            "127.0.0.1 (--set listen_host=127.0.0.1), or set bedrock_allow_unauthenticated=true to accept "
+            "unauthenticated clients from other hosts."
+        )
+
+    def _announce_client_policy(self) -> None:
+        config = self.config
+        if config.authenticates_clients:
+            log.info(
+                "bedrock-balancer: client authentication on (%d virtual keys, %d API keys): every client must "
+                "authenticate; clients on other hosts may reach only Bedrock",
+                len(config.clients), len(config.api_keys),
+            )
+        elif ctx.options.bedrock_allow_unauthenticated:
+            exposed = [h or "every interface" for h in self._listen_hosts() if not clientauth.is_local_listen_address(h)]
+            log.warning(
+                "bedrock-balancer: no client authentication, and bedrock_allow_unauthenticated is set: %s",
+                f"anyone who reaches {', '.join(exposed)} spends the proxy's AWS credentials" if exposed
+                else "clients on other hosts are accepted",
+            )
+        else:
+            log.info(
+                "bedrock-balancer: no client authentication configured (clients, api_keys): accepting only "
+                "clients on this machine (loopback)"
+            )
+        if "web_host" in ctx.options and not clientauth.is_local_listen_address(ctx.options.web_host):
+            log.warning(
+                "bedrock-balancer: the mitmweb UI listens on %s; it has no authentication (CVE-2025-23217), so "
+                "whoever reaches it controls the proxy", repr(ctx.options.web_host) if ctx.options.web_host else "every interface",
+            )
+
     def _limit_interception(self) -> None:
         if not ctx.options.bedrock_only or ctx.options.allow_hosts or ctx.options.ignore_hosts:
             return
@@ -102,10 +253,17 @@ class BedrockBalancer:
         ctx.options.update(allow_hosts=patterns)
 
     async def running(self) -> None:
+        self._running = True
+        self._configure_body_limit()  # configure() sees only the options that were set; this one has a default
         if self.config is None:
             log.warning("bedrock-balancer: no targets configured; set bedrock_config or bedrock_regions")
             return
+        if problem := self._exposure_problem(self.config):
+            log.error(problem)  # mitmproxy's errorcheck ends start-up on an error logged now; nothing is relayed
+            return
+        self._announce_client_policy()
         await self._start_relay()
+        await self._start_admin()
 
     async def _start_relay(self) -> None:
         if self.relay is not None:
@@ -114,6 +272,23 @@ class BedrockBalancer:
         self.relay = Relay(self.config, self.router, credentials, self._upstream_ssl_context())
         await self.relay.start()
         await credentials.warm_up()
+
+    async def _start_admin(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
+        if not ctx.options.bedrock_admin:
+            return
+        self.admin = admin.AdminServer(self.router, self.metrics)
+        await self.admin.start(*admin.parse_listen_address(ctx.options.bedrock_admin))
+        log.info("bedrock-balancer: admin listener at http://%s:%s/metrics and /status", *self.admin.address[:2])
+
+    @command.command("bedrock.status")
+    def status(self) -> str:
+        """The balancer's live state: targets, cooldowns (until when, and why), quota usage."""
+        if self.router is None:
+            return json.dumps({"targets": [], "note": "no targets configured"})
+        return json.dumps(admin.status(self.router), indent=2)
 
     def _upstream_ssl_context(self) -> ssl.SSLContext:
         """The same upstream trust mitmproxy itself would use (its ssl_* options)."""
@@ -131,6 +306,8 @@ class BedrockBalancer:
         return ssl.create_default_context(cafile=cafile or None, capath=capath or None)
 
     async def done(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
         if self.relay is not None:
             await self.relay.close()
         if self.access_log is not None:
@@ -145,6 +322,72 @@ class BedrockBalancer:
             return True
         return classify.is_bedrock_host(flow.request.host)
 
+    # -- who may connect, and to what ----------------------------------------------------------
+
+    def client_connected(self, client) -> None:
+        if self.config is None or self.config.authenticates_clients or ctx.options.bedrock_allow_unauthenticated:
+            return
+        peer = client.peername[0] if client.peername else ""
+        if not clientauth.is_loopback(peer):
+            client.error = "bedrock-balancer: only clients on this machine are accepted without client authentication"
+            log.warning(
+                "bedrock-balancer: refused a connection from %s: without client authentication only loopback clients are accepted",
+                peer or "an unknown address",
+            )
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if self.config is None or flow.response is not None:
+            return
+        try:
+            refusal = self._refusal(flow, bedrock=classify.is_bedrock_host(flow.request.host))
+        except Exception:
+            log.exception("bedrock-balancer: internal error while checking CONNECT %s", flow.request.pretty_host)
+            refusal = BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)")
+        if refusal is not None:
+            flow.response = _error_response(refusal)
+            log.info("bedrock-balancer: refused CONNECT %s:%s from %s: %s", flow.request.host, flow.request.port, _client_address(flow), refusal.message)
+
+    async def server_connect(self, data) -> None:
+        """The last gate before mitmproxy opens a connection, whatever the request looked like: clients on
+        other hosts reach only the relay, and nobody reaches the proxy's own listeners."""
+        if self.config is None or data.server.error or not data.server.address:
+            return
+        host, port = data.server.address[:2]
+        if self.relay is not None and (host, port) == tuple(self.relay.address):
+            return
+        peer = data.client.peername[0] if data.client.peername else ""
+        if not clientauth.is_loopback(peer):
+            data.server.error = "bedrock-balancer: clients on other hosts may reach only Amazon Bedrock through this proxy"
+        elif port in self._own_ports() and await _resolves_to_this_machine(host, port):
+            data.server.error = "bedrock-balancer: the proxy's own listeners cannot be reached through the proxy"
+        if data.server.error:
+            log.info("bedrock-balancer: refused to connect %s to %s:%s", peer or "a client", host, port)
+
+    def _refusal(self, flow: http.HTTPFlow, bedrock: bool) -> BedrockError | None:
+        """Why a request (or CONNECT) must not go on, whoever it is for: the proxy's own listeners are never a
+        destination, and clients on other hosts may reach Bedrock only."""
+        host, port = flow.request.host, flow.request.port
+        if port in self._own_ports() and _names_this_machine(host):
+            return BedrockError("AccessDeniedException", "bedrock-balancer: the proxy's own listeners (proxy, relay, web UI, admin) cannot be reached through the proxy")
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+        if not bedrock and not clientauth.is_loopback(peer):
+            return BedrockError("AccessDeniedException", "bedrock-balancer: clients on other hosts may reach only Amazon Bedrock Runtime through this proxy")
+        return None
+
+    def _own_ports(self) -> set[int]:
+        """Ports of this process's listeners: the proxy's, the relay's, mitmweb's UI, the admin listener."""
+        ports = set()
+        if proxyserver := ctx.master.addons.get("proxyserver"):
+            ports |= {address[1] for address in proxyserver.listen_addrs()}
+        if "web_port" in ctx.options:
+            ports.add(ctx.options.web_port)
+        admin = ctx.options.bedrock_admin if "bedrock_admin" in ctx.options else ""
+        if admin and admin.rpartition(":")[2].isdigit():
+            ports.add(int(admin.rpartition(":")[2]))
+        if self.relay is not None and self.relay.address:
+            ports.add(self.relay.address[1])
+        return ports
+
     async def request(self, flow: http.HTTPFlow) -> None:
         try:
             await self._request(flow)
@@ -152,25 +395,41 @@ class BedrockBalancer:
             # Never let a bug forward the request as it stands (to the client's original host, or to a
             # half-rewritten one): answer it here instead.
             log.exception("bedrock-balancer: internal error on %s", flow.request.pretty_url)
-            if isinstance(flow.metadata.get(METADATA_KEY), (Exchange, float)):
+            if flow.id in self._started:
                 flow.response = _error_response(BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)"))
 
     async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
-        if self.relay is not None and (flow.request.host, flow.request.port) == self.relay.address:
-            flow.response = _error_response(BedrockError("AccessDeniedException", "bedrock-balancer: the relay cannot be reached through the proxy"))
+        bedrock = self._is_bedrock(flow)
+        if self.config is not None:
+            try:
+                refusal = self._refusal(flow, bedrock)
+            except Exception:
+                log.exception("bedrock-balancer: internal error while checking %s", flow.request.pretty_url)
+                refusal = BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)")
+            if refusal is not None:
+                flow.response = _error_response(refusal)
+                log.info("bedrock-balancer: refused %s %s:%s from %s: %s", flow.request.method, flow.request.host, flow.request.port, _client_address(flow), refusal.message)
+                return
+        if not bedrock:
             return
-        if not self._is_bedrock(flow):
-            return
-        flow.metadata[METADATA_KEY] = started = time.monotonic()
+        self._started[flow.id] = started = time.monotonic()
+        summary = contentview.sigv4_summary(flow.request.headers.get("authorization"), flow.request.headers.get("x-amz-date"))
+        if summary is not None:  # what the client signed (no signature), for the SigV4 view
+            flow.metadata[contentview.CLIENT_SIGV4_KEY] = summary
         try:
+            self._check_request(flow)
             exchange = self._exchange_for(flow)
+            self._admit_client(flow, exchange)
         except BedrockError as e:
+            _redact_client_credentials(flow.request)
             flow.response = _error_response(e)
-            self._finish(flow, None, started, error=str(e))
+            # The first line only: a signature-debugging message goes to the client, not to the logs.
+            self._finish(flow, None, started, error=f"{e.error_type}: {e.message.partition(chr(10))[0]}")
             return
-        flow.metadata[METADATA_KEY] = exchange
+        self._exchanges[flow.id] = exchange
+        _redact_client_credentials(flow.request)  # the exchange holds what it needs; the flow is for showing
         if not exchange.request.streaming:
             # mitmproxy sends a non-streamed answer whole anyway: the relay's client fetches it (with
             # failover) and the flow gets it here, with no loopback hop and no upstream connection of
@@ -178,6 +437,7 @@ class BedrockBalancer:
             answer = await self.relay.run(exchange)
             flow.response = http.Response.make(answer.status, answer.body, _headers(answer.headers))
             self._show_upstream_request(flow, exchange)
+            self._annotate(flow, exchange)  # now, so that flows saved by -w (before our response hook) carry it
             return
         token = self.relay.register(exchange)
         flow.request.scheme, flow.request.host, flow.request.port = "http", *self.relay.address
@@ -187,23 +447,76 @@ class BedrockBalancer:
             if name.lower() not in keep:
                 del flow.request.headers[name]
         flow.request.headers[EXCHANGE_HEADER] = token
-        flow.metadata[METADATA_KEY + ".token"] = token
+        self._tokens[flow.id] = token
+
+    def _check_request(self, flow: http.HTTPFlow) -> None:
+        """Hygiene, size and client authentication, on the request exactly as the client sent it."""
+        request = flow.request
+        raw_path, _, raw_query = request.path.partition("?")
+        headers = list(request.headers.items(multi=True))
+        clientauth.check_request(raw_path, raw_query, headers)
+        self._check_host(flow)
+        body = request.raw_content or b""
+        if len(body) > ctx.options.bedrock_max_body:
+            raise BedrockError(
+                "RequestEntityTooLargeException",
+                f"bedrock-balancer: the request body is {len(body)} bytes; the limit is {ctx.options.bedrock_max_body} "
+                "bytes (option bedrock_max_body)",
+            )
+        if self.authenticator is None:
+            return
+        if not any(name.lower() == "host" for name, _ in headers) and request.host_header:
+            headers.insert(0, ("host", request.host_header))  # HTTP/2: the signed host is the :authority
+        identity = self.authenticator.authenticate(request.method, raw_path, raw_query, headers, body)
+        flow.metadata[CLIENT_NAME_KEY] = identity.name
+
+    def _check_host(self, flow: http.HTTPFlow) -> None:
+        """In regular mode the destination comes from CONNECT or the absolute URL; the Host header must agree."""
+        if not isinstance(flow.client_conn.proxy_mode, (mode_specs.RegularMode, mode_specs.UpstreamMode)):
+            return
+        request = flow.request
+        value = request.host_header
+        if not value:
+            return
+        try:
+            host, port = url.parse_authority(value, check=True)
+        except ValueError:
+            raise BedrockError("ValidationException", "bedrock-balancer: the Host header is not a valid host name") from None
+        default_port = 443 if request.scheme == "https" else 80
+        if host.lower().rstrip(".") != request.host.lower().rstrip(".") or (port or default_port) != request.port:
+            raise BedrockError(
+                "ValidationException",
+                f"bedrock-balancer: the Host header ({value}) disagrees with the destination the client connected to "
+                f"({request.host}:{request.port})",
+            )
+
+    def _admit_client(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        name = flow.metadata.get(CLIENT_NAME_KEY)
+        if self.client_limits is None or name is None:
+            return
+        tokens = exchange.tokens or (quota.estimate_tokens(exchange.body) if self.client_limits.limits_tokens(name) else 0)
+        reservation = self.client_limits.admit(name, tokens)
+        if reservation is not None:
+            self._client_reservations[flow.id] = (reservation, tokens)
 
     def _exchange_for(self, flow: http.HTTPFlow) -> Exchange:
         request = flow.request
         reverse = isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
         raw_path, _, raw_query = request.path.partition("?")
-        authorization = request.headers.get("authorization")
-        bedrock_request = classify.classify(
+        body = request.raw_content or b""
+        classify_args = (
             request.method,
             raw_path,
             "" if reverse else request.host,
-            authorization,
+            request.headers.get("authorization"),
             request.headers.get(classify.GUARDRAIL_HEADER),
-            fallback_region=classify.host_region(request.host) if reverse else None,
-            body=request.raw_content or b"",
         )
-        body = request.raw_content or b""
+        fallback_region = classify.host_region(request.host) if reverse else None
+        # The operation first (without looking into the body), then whether the body is what that
+        # operation needs, and only then the classification that reads the body.
+        operation = classify.classify(*classify_args, fallback_region=fallback_region).operation
+        clientauth.check_body(operation, list(request.headers.items(multi=True)), body)
+        bedrock_request = classify.classify(*classify_args, fallback_region=fallback_region, body=body)
         return Exchange(
             request=bedrock_request,
             method=request.method,
@@ -220,12 +533,14 @@ class BedrockBalancer:
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = flow.metadata.get(METADATA_KEY)
-        if not isinstance(exchange, Exchange):
+        exchange = self._exchanges.get(flow.id)
+        if exchange is None:
             return
         if flow.response.headers.get("content-type", "").startswith(EVENT_STREAM):
-            flow.response.stream = True
+            limit = ctx.options.bedrock_stream_copy
+            flow.response.stream = contentview.bounded_copy(limit, flow) if limit > 0 else True
         self._show_upstream_request(flow, exchange)
+        self._annotate(flow, exchange)
 
     def _show_upstream_request(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Make the flow show the request as it went upstream, so mitmweb and saved flows tell the truth."""
@@ -239,23 +554,44 @@ class BedrockBalancer:
         request.headers = _headers(redacted(exchange.sent_headers))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        exchange = flow.metadata.get(METADATA_KEY)
-        if isinstance(exchange, Exchange):
+        exchange = self._exchanges.get(flow.id)
+        if exchange is not None:
+            contentview.attach_copy(flow)
             self._finish(flow, exchange, exchange.started, error=exchange.error)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        exchange = flow.metadata.get(METADATA_KEY)
+        exchange = self._exchanges.get(flow.id)
         if self.relay is not None:
-            self.relay.discard(flow.metadata.get(METADATA_KEY + ".token"))
-        if isinstance(exchange, Exchange):
+            self.relay.discard(self._tokens.get(flow.id))
+        if exchange is not None:
+            contentview.attach_copy(flow)
             self._finish(flow, exchange, exchange.started, error=exchange.error or (flow.error.msg if flow.error else "error"))
+        else:
+            self._forget(flow)
+
+    def _forget(self, flow: http.HTTPFlow) -> None:
+        for state in (self._started, self._exchanges, self._tokens):
+            state.pop(flow.id, None)
+
+    def _annotate(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """Comment and marker for mitmweb, from what is known so far (``_finish`` completes them)."""
+        record = access_record(flow, exchange, flow.response.status_code if flow.response else None, 0.0, exchange.error)
+        flow.comment = _comment(record)
+        if exchange.error or (record["status"] or 0) >= 400:
+            flow.marked = FAILURE_MARKER
+        elif len(record["attempts"]) > 1:
+            flow.marked = FAILOVER_MARKER
 
     def _finish(self, flow: http.HTTPFlow, exchange: Exchange | None, started: float, error: str | None) -> None:
+        self._forget(flow)
+        self._settle_client(flow, exchange)
         latency_ms = (time.monotonic() - started) * 1000
         status = flow.response.status_code if flow.response is not None else None
         if exchange is not None and exchange.stream_outcome == "truncated":
             error = error or "stream truncated"
         record = access_record(flow, exchange, status, latency_ms, error)
+        if self.metrics is not None:
+            self.metrics.observe(record)
         flow.comment = _comment(record)
         if error or (status or 0) >= 400:
             flow.marked = FAILURE_MARKER
@@ -264,6 +600,20 @@ class BedrockBalancer:
         log.info(_log_line(record))
         if self.access_log is not None:
             self.access_log.write(record)
+
+    def _settle_client(self, flow: http.HTTPFlow, exchange: Exchange | None) -> None:
+        """Replace what a client's request reserved in its own budget by what it really used."""
+        held = self._client_reservations.pop(flow.id, None)
+        if held is None or self.client_limits is None:
+            return
+        reservation, reserved = held
+        if exchange is None or not exchange.attempts:
+            tokens = 0  # it never went upstream
+        elif exchange.usage.input_tokens is None and exchange.usage.output_tokens is None:
+            tokens = reserved  # unknown: keep the reservation, the safe side
+        else:
+            tokens = (exchange.usage.input_tokens or 0) + (exchange.usage.output_tokens or 0)
+        self.client_limits.settle(reservation, tokens)
 
 
 def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | None, latency_ms: float, error: str | None) -> dict:
@@ -282,11 +632,14 @@ def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | 
         "input_tokens": exchange.usage.input_tokens if exchange else None,
         "output_tokens": exchange.usage.output_tokens if exchange else None,
         "client": _client_address(flow),
+        "client_name": flow.metadata.get(CLIENT_NAME_KEY),
     }
     if request is not None and request.model_id != record["model"]:
         record["client_model"] = request.model_id
     if exchange is not None and exchange.stream_outcome:
         record["stream"] = exchange.stream_outcome
+    if exchange is not None and exchange.first_event_ms is not None:
+        record["first_event_ms"] = round(exchange.first_event_ms, 1)
     if error:
         record["error"] = _safe(error)
     return record
@@ -298,9 +651,34 @@ def _client_address(flow: http.HTTPFlow) -> str | None:
 
 
 def _safe(text: str) -> str:
-    """Nothing that looks like a credential or a signature reaches a log line."""
-    text = re.sub(r"Signature=[0-9a-f]+", "Signature=<redacted>", text)
-    return re.sub(r"(?i)(bearer\s+)\S+", r"\1<redacted>", text)[:500]
+    """Nothing that looks like a credential or a signature, and no control character, reaches a log line."""
+    text = re.sub(r"Signature=[0-9a-fA-F]+", "Signature=<redacted>", text)
+    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1<redacted>", text)
+    return re.sub(r"[\x00-\x1f\x7f]", " ", text)[:500]
+
+
+def _redact_client_credentials(request: http.Request) -> None:
+    """The client's signature, session token or API key never stay in a flow that mitmweb shows or a dump saves."""
+    for name in ("authorization", "x-amz-security-token"):
+        values = request.headers.get_all(name)
+        if values:
+            request.headers.set_all(name, [value for _, value in redacted([(name, v) for v in values])])
+
+
+def _names_this_machine(host: str) -> bool:
+    """Whether a destination names this machine without resolving it: loopback, unspecified, a local address."""
+    host = host.strip("[]").rstrip(".").lower()
+    return host == "localhost" or host.endswith(".localhost") or clientauth.is_local_address(host)
+
+
+async def _resolves_to_this_machine(host: str, port: int) -> bool:
+    if _names_this_machine(host):
+        return True
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False  # mitmproxy's own connection attempt fails the same way
+    return any(clientauth.is_local_address(str(info[4][0])) for info in infos)
 
 
 def _comment(record: dict) -> str:

@@ -17,7 +17,7 @@ PROMPT_PREFIX_CHARS = 2000
 def conversation_key(model_id: str | None, body: bytes) -> str | None:
     try:
         parsed = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
     if not isinstance(parsed, dict):
         return None

@@ -185,7 +185,7 @@ def _body_guardrail(body: bytes) -> str | None:
         return None
     try:
         config = json.loads(body).get("guardrailConfig")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return config.get("guardrailIdentifier") if isinstance(config, dict) else None
 

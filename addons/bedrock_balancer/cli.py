@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     from mitmproxy.tools.main import run
 
     from .addon import BedrockBalancer
+    from .contentview import BedrockViews
 
     class BalancerDumpMaster(dump.DumpMaster):
         def __init__(self, options, **kwargs):
             super().__init__(options, **kwargs)
-            self.addons.add(BedrockBalancer())
+            self.addons.add(BedrockBalancer(), BedrockViews())
 
     def extra(parsed):  # what mitmdump itself does with a trailing flow filter
         if getattr(parsed, "filter_args", None):

@@ -2,6 +2,10 @@
 
 Every problem is reported as :class:`ConfigError` naming the offending field
 (``targets[1].region: ...``), and unknown keys are errors: a typo must not silently change routing.
+
+Client authentication (``clients``: virtual SigV4 keys, ``api_keys``: Bedrock API keys) is configured
+here too. A secret may be written in the file, or named by ``*_env`` (an environment variable) or
+``*_file`` (a file, relative to the config file's directory); secrets never appear in a repr.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,11 +26,16 @@ from .classify import REGION
 STRATEGIES = ("quota", "round-robin", "least-outstanding", "priority", "latency")
 DEFAULT_STRATEGY = "quota"
 
-TOP_LEVEL_KEYS = {"strategy", "targets", "cross_geography", "timeouts", "retry", "quota_window_s", "affinity"}
+TOP_LEVEL_KEYS = {"strategy", "targets", "cross_geography", "timeouts", "retry", "quota_window_s", "affinity", "clients", "api_keys"}
 TARGET_KEYS = {"region", "endpoint_url", "name", "weight", "profile", "role_arn", "models", "rpm", "tpm", "priority", "model_quotas"}
 TIMEOUT_KEYS = {"connect_s", "read_s"}
 RETRY_KEYS = {"max_attempts", "deadline_s", "stall_timeout_s", "cooldown_base_s", "cooldown_max_s"}
 AFFINITY_KEYS = {"ttl_s", "max_keys"}
+CLIENT_KEYS = {"name", "access_key_id", "secret_access_key", "secret_access_key_env", "secret_access_key_file", "rpm", "tpm"}
+API_KEY_KEYS = {"name", "key", "key_env", "key_file", "rpm", "tpm"}
+# Virtual access key ids travel in "Credential=<id>/<date>/...": no '/', ',', '=' or whitespace.
+ACCESS_KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{4,128}$")
+MIN_SECRET_LENGTH = 16  # a client secret is all that stands between the network and the proxy's AWS credentials
 
 
 class ConfigError(ValueError):
@@ -103,6 +114,23 @@ class Affinity:
 
 
 @dataclass(frozen=True)
+class ClientKey:
+    """A virtual SigV4 key pair: apps sign with it as if it were an AWS key; the proxy verifies."""
+
+    name: str  # the client identity (access log field client_name, per-client limits)
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A Bedrock API key (``Authorization: Bearer <key>``) the proxy accepts, and whose it is."""
+
+    name: str
+    key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     targets: tuple[Target, ...]
     strategy: str = DEFAULT_STRATEGY
@@ -111,10 +139,18 @@ class Config:
     retry: Retry = field(default_factory=Retry)
     quota_window_s: float = 60.0
     affinity: Affinity | None = None
+    clients: tuple[ClientKey, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()
+    client_limits: tuple = ()  # ((client name, Budget), ...) for names that have rpm/tpm
 
     @property
     def has_budgets(self) -> bool:
         return any(t.rpm or t.tpm or t.model_quotas for t in self.targets)
+
+    @property
+    def authenticates_clients(self) -> bool:
+        """Whether every client must authenticate (with a virtual key or an API key)."""
+        return bool(self.clients or self.api_keys)
 
     def endpoints(self) -> set[tuple[str, str, int]]:
         return {(t.scheme, t.host.lower(), t.port) for t in self.targets}
@@ -134,7 +170,7 @@ def load_file(path: str) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"bedrock_config: {path} is not valid YAML: {e}") from None
-    return parse(data)
+    return parse(data, base_dir=Path(path).expanduser().resolve().parent)
 
 
 def from_regions(regions: str) -> Config:
@@ -146,7 +182,8 @@ def from_regions(regions: str) -> Config:
     return parse({"targets": [{"region": r} for r in dict.fromkeys(names)]})
 
 
-def parse(data: object) -> Config:
+def parse(data: object, base_dir: Path | None = None) -> Config:
+    """``base_dir`` is where relative ``*_file`` paths are found (the config file's directory)."""
     if not isinstance(data, dict):
         raise ConfigError("bedrock_config: the file must hold a mapping with a 'targets' list")
     _reject_unknown(data, TOP_LEVEL_KEYS, "")
@@ -171,6 +208,7 @@ def parse(data: object) -> Config:
         retry=_parse_retry(data.get("retry", {})),
         quota_window_s=float(window),
         affinity=_parse_affinity(data.get("affinity", False)),
+        **_parse_client_auth(data.get("clients", []), data.get("api_keys", []), base_dir or Path.cwd()),
     )
 
 
@@ -331,3 +369,97 @@ def _unique_names(targets: list[Target], raw_targets: list[dict]) -> list[Target
         taken.add(target.name)
         result.append(target)
     return result
+
+
+# -- client authentication -----------------------------------------------------------------------
+
+
+def _parse_client_auth(raw_clients: object, raw_api_keys: object, base_dir: Path) -> dict:
+    for key, value in (("clients", raw_clients), ("api_keys", raw_api_keys)):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list of mappings")
+    clients, api_keys, limits = [], [], {}
+    limit_given_at: dict[str, str] = {}
+    for i, raw in enumerate(raw_clients):
+        where = f"clients[{i}]"
+        name = _entry_name(raw, CLIENT_KEYS, where)
+        access_key_id = raw.get("access_key_id")
+        if not isinstance(access_key_id, str) or not ACCESS_KEY_ID.match(access_key_id):
+            raise ConfigError(
+                f"{where}.access_key_id: must be 4 to 128 letters, digits, '.', '_' or '-' (what the app uses as its "
+                "AWS access key id)"
+            )
+        secret = _secret(raw, "secret_access_key", where, base_dir)
+        clients.append(ClientKey(name, access_key_id, secret))
+        _collect_limit(raw, name, where, limits, limit_given_at)
+    for i, raw in enumerate(raw_api_keys):
+        where = f"api_keys[{i}]"
+        name = _entry_name(raw, API_KEY_KEYS, where)
+        key = _secret(raw, "key", where, base_dir)
+        if any(c.isspace() for c in key):
+            raise ConfigError(f"{where}.key: must not contain whitespace")
+        api_keys.append(ApiKey(name, key))
+        _collect_limit(raw, name, where, limits, limit_given_at)
+    _unique([c.access_key_id for c in clients], "clients", "access_key_id")
+    _unique([k.key for k in api_keys], "api_keys", "key", show=False)
+    return {"clients": tuple(clients), "api_keys": tuple(api_keys), "client_limits": tuple(limits.items())}
+
+
+def _entry_name(raw: object, allowed: set[str], where: str) -> str:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping with at least 'name'")
+    _reject_unknown(raw, allowed, where)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip() or any(not c.isprintable() for c in name):
+        raise ConfigError(f"{where}.name: must be a non-empty printable string (the client's identity in logs)")
+    return name
+
+
+def _secret(raw: dict, key: str, where: str, base_dir: Path) -> str:
+    """The secret given inline (``key``), by environment variable (``key_env``) or by file (``key_file``)."""
+    given = [k for k in (key, f"{key}_env", f"{key}_file") if k in raw]
+    if len(given) != 1:
+        problem = "missing" if not given else f"given {len(given)} ways ({', '.join(given)})"
+        raise ConfigError(f"{where}.{key}: {problem}; give exactly one of {key}, {key}_env (an environment variable) or {key}_file (a file)")
+    source = given[0]
+    value = raw[source]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}.{source}: must be a non-empty string")
+    if source.endswith("_env"):
+        secret = os.environ.get(value)
+        if secret is None:
+            raise ConfigError(f"{where}.{source}: environment variable {value} is not set")
+    elif source.endswith("_file"):
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            secret = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where}.{source}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    else:
+        secret = value
+    secret = secret.strip()
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"{where}.{source}: the secret must be at least {MIN_SECRET_LENGTH} characters long")
+    return secret
+
+
+def _collect_limit(raw: dict, name: str, where: str, limits: dict, given_at: dict) -> None:
+    from .quota import Budget
+
+    rpm, tpm = _limit(raw, "rpm", where), _limit(raw, "tpm", where)
+    if rpm is None and tpm is None:
+        return
+    if name in given_at:
+        raise ConfigError(f"{where}.rpm: limits for client {name!r} are already given in {given_at[name]}; give them once per name")
+    given_at[name] = where
+    limits[name] = Budget(rpm, tpm)
+
+
+def _unique(values: list[str], where: str, key: str, show: bool = True) -> None:
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            what = repr(value) if show else "this value"
+            raise ConfigError(f"{where}[{i}].{key}: {what} appears twice; each must be unique")
+        seen.add(value)

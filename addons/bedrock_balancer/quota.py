@@ -144,11 +144,11 @@ def estimate_tokens(body: bytes) -> int:
     """What Bedrock reserves for a request: estimated input tokens plus its maximum output tokens."""
     try:
         parsed = json.loads(body) if body else {}
-    except ValueError:
+        if not isinstance(parsed, dict):
+            return DEFAULT_MAX_TOKENS
+        return _text_length(parsed) // CHARS_PER_TOKEN + max_tokens_of(parsed)
+    except (ValueError, RecursionError):  # not JSON, or absurdly nested
         return len(body) // CHARS_PER_TOKEN + DEFAULT_MAX_TOKENS
-    if not isinstance(parsed, dict):
-        return DEFAULT_MAX_TOKENS
-    return _text_length(parsed) // CHARS_PER_TOKEN + max_tokens_of(parsed)
 
 
 def max_tokens_of(body: dict) -> int:

@@ -99,16 +99,18 @@ class Exchange:
     method: str
     raw_path: str  # without the query, exactly as the client sent it
     raw_query: str
-    headers: list[tuple[str, str]]  # forwardable client headers
-    body: bytes
+    # Never in a repr (which may reach a log): the request's headers, body and the signature sent.
+    headers: list[tuple[str, str]] = field(repr=False)  # forwardable client headers
+    body: bytes = field(repr=False)
     started: float = field(default_factory=time.monotonic)
     attempts: list[Attempt] = field(default_factory=list)
     choice: Choice | None = None
-    sent_headers: list[tuple[str, str]] = field(default_factory=list)
+    sent_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)
     status: int | None = None
     error: str | None = None  # set when the proxy, not the upstream, produced the answer
     usage: usage.Usage = field(default_factory=usage.Usage)
     stream_outcome: str | None = None  # "complete", "exception:<type>", "truncated" or "client-gone" for event streams
+    first_event_ms: float | None = None  # streams: from the request to the first content event
     tokens: int = 0  # what the request reserves in quota budgets
     affinity_key: str | None = None
 
@@ -312,6 +314,7 @@ class Relay:
                     reason = meter.exception or ("sent a corrupt frame" if meter.corrupt else "ended the stream before its first event")
                     return self._unreachable(choice, attempt, started, f"stream {reason}", whole_target=False)
                 self._succeeded(exchange, choice, attempt, started)
+                exchange.first_event_ms = _ms_since(exchange.started)
                 response = await self._stream(exchange, upstream, stream_to, head, meter)
                 self.router.ledger.settle(reservation, _tokens_used(exchange.usage, exchange.tokens))
                 settled = True
