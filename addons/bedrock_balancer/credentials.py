@@ -56,7 +56,10 @@ class CredentialSource:
             self._refreshing = asyncio.create_task(self._refresh())
         await asyncio.shield(self._refreshing)
         if self._frozen is None:
-            raise CredentialsUnavailable(f"no AWS credentials for {self}")
+            raise CredentialsUnavailable(
+                f"no AWS credentials for {self} (set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "run `aws sso login`, or give the target a profile or role_arn)"
+            )
         return self._frozen
 
     def _remaining(self) -> float:
