@@ -22,6 +22,7 @@ This module imports aiohttp but not mitmproxy.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import secrets
 import ssl
@@ -45,6 +46,8 @@ from .routing import Choice, NotYet, Router
 log = logging.getLogger(__name__)
 
 EXCHANGE_HEADER = "x-bedrock-balancer-exchange"
+UPSTREAM_TLS_READ_BUFFER = 32 * 1024
+LISTEN_BACKLOG = 4096
 REGION_HEADER = "x-bedrock-balancer-region"
 TARGET_HEADER = "x-bedrock-balancer-target"
 ATTEMPTS_HEADER = "x-bedrock-balancer-attempts"
@@ -186,6 +189,10 @@ class Relay:
         self.address: tuple[str, int] | None = None
 
     async def start(self, host: str = "127.0.0.1") -> None:
+        # asyncio gives every TLS connection a 256 KiB read buffer (SSLProtocol.max_size); with one
+        # upstream connection per open stream that is most of the proxy's memory. A TLS record is at most
+        # 16 KiB, so 32 KiB loses nothing. (mitmproxy's own TLS does not use asyncio's, only our client.)
+        asyncio.sslproto.SSLProtocol.max_size = UPSTREAM_TLS_READ_BUFFER
         connector = aiohttp.TCPConnector(ssl=self.ssl_context, limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -196,7 +203,9 @@ class Relay:
         server = web.Server(self._handle, access_log=None)
         self._runner = web.ServerRunner(server, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, 0, reuse_address=True)
+        # mitmproxy opens one connection here per concurrent stream: a burst of them must not overflow
+        # the listen queue (the default, 128, drops connections when hundreds of streams start at once).
+        site = web.TCPSite(self._runner, host, 0, reuse_address=True, backlog=LISTEN_BACKLOG)
         await site.start()
         self.address = site._server.sockets[0].getsockname()[:2]
 

@@ -120,7 +120,8 @@ class HttpServer:
     async def listen(self, host: str, port: int) -> int:
         """Start listening; return the bound port (useful with port 0)."""
         server = await asyncio.start_server(
-            self._serve_connection, host, port, ssl=self._ssl_context, reuse_address=True
+            # A deep listen queue: benchmarks open a thousand streams at once.
+            self._serve_connection, host, port, ssl=self._ssl_context, reuse_address=True, backlog=4096
         )
         self._servers.append(server)
         return server.sockets[0].getsockname()[1]
