@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 
 import pytest
@@ -210,8 +209,6 @@ def test_models_allow_list_restricts_targets(emu, proxy_factory, client_via_prox
 
 
 def test_bidirectional_stream_is_refused_with_a_clear_error(emu, proxy_factory, client_via_proxy):
-    import botocore.auth
-    import botocore.awsrequest
     import urllib3
 
     proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})

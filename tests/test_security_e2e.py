@@ -247,7 +247,7 @@ def test_debug_signatures_shows_the_canonical_request_to_the_client_only(emu, au
     message = raised.value.response["Error"]["Message"]
     assert message.startswith("The request signature we calculated does not match")
     assert "The Canonical String for this request should have been\n'POST\n/model/anthropic.claude-3-5-sonnet-20240620-v1%253A0/converse\n" in message
-    assert f"The String-to-Sign should have been\n'AWS4-HMAC-SHA256\n" in message and "/us-east-1/bedrock/aws4_request\n" in message
+    assert "The String-to-Sign should have been\n'AWS4-HMAC-SHA256\n" in message and "/us-east-1/bedrock/aws4_request\n" in message
     assert "Canonical String" not in caplog.text and "Canonical String" not in proxy.access_log.read_text()
 
 

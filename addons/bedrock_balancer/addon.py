@@ -503,7 +503,7 @@ class BedrockBalancer:
         request = flow.request
         reverse = isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
         raw_path, _, raw_query = request.path.partition("?")
-        body = request.raw_content or b""
+        body = classify.RequestBody(request.raw_content or b"")  # parsed once, by whichever check needs it first
         classify_args = (
             request.method,
             raw_path,
@@ -523,7 +523,7 @@ class BedrockBalancer:
             raw_path=raw_path,
             raw_query=raw_query,
             headers=forwardable_headers(list(request.headers.items(multi=True))),
-            body=body,
+            body=body.raw,
             tokens=quota.estimate_tokens(body) if self.config.has_budgets and bedrock_request.model_id else 0,
             affinity_key=(
                 affinity.conversation_key(bedrock_request.model_id, body)

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from .classify import RequestBody
 
 PROMPT_PREFIX_CHARS = 2000
 
 
-def conversation_key(model_id: str | None, body: bytes) -> str | None:
-    try:
-        parsed = json.loads(body) if body else None
-    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
-        return None
+def conversation_key(model_id: str | None, body: bytes | RequestBody) -> str | None:
+    parsed = RequestBody.of(body).json
     if not isinstance(parsed, dict):
         return None
     messages = parsed.get("messages")

@@ -72,6 +72,31 @@ REGION_BOUND_RESOURCES = frozenset(
 _MODEL_ID_CHARS = re.compile(r"^[A-Za-z0-9._:/+-]{1,2048}$")
 
 GUARDRAIL_HEADER = "x-amzn-bedrock-guardrailidentifier"
+_UNPARSED = object()
+
+
+class RequestBody:
+    """A request body, parsed as JSON at most once: several decisions read it, and bodies reach 20 MB."""
+
+    __slots__ = ("raw", "_parsed")
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self._parsed = _UNPARSED
+
+    @classmethod
+    def of(cls, body: bytes | RequestBody) -> RequestBody:
+        return body if isinstance(body, RequestBody) else cls(body)
+
+    @property
+    def json(self) -> object | None:
+        """The parsed body; None when it is empty or not JSON (or absurdly nested)."""
+        if self._parsed is _UNPARSED:
+            try:
+                self._parsed = json.loads(self.raw) if self.raw else None
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                self._parsed = None
+        return self._parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +166,7 @@ def classify(
     authorization: str | None,
     guardrail_header: str | None,
     fallback_region: str | None = None,
-    body: bytes = b"",
+    body: bytes | RequestBody = b"",
 ) -> BedrockRequest:
     """Classify a request, or raise :class:`BedrockError` for one the proxy will not forward."""
     path = raw_path.split("?", 1)[0]
@@ -179,14 +204,13 @@ def _classify_model_request(method, match, client_region, guardrail_header) -> B
     return BedrockRequest(operation, model_id, raw_model_id, client_region, reason)
 
 
-def _body_guardrail(body: bytes) -> str | None:
+def _body_guardrail(body: bytes | RequestBody) -> str | None:
     """Converse names its guardrail in the body (``guardrailConfig``) rather than in a header."""
-    if b'"guardrailConfig"' not in body:
+    body = RequestBody.of(body)
+    if b'"guardrailConfig"' not in body.raw:
         return None
-    try:
-        config = json.loads(body).get("guardrailConfig")
-    except (ValueError, AttributeError, RecursionError):
-        return None
+    parsed = body.json
+    config = parsed.get("guardrailConfig") if isinstance(parsed, dict) else None
     return config.get("guardrailIdentifier") if isinstance(config, dict) else None
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import json
 import re
 import socket
 import time
@@ -43,6 +42,7 @@ from .classify import (
     INVOKE_STREAM,
     REGION,
     START_ASYNC_INVOKE,
+    RequestBody,
 )
 from .errors import BedrockError
 from .quota import Budget, QuotaLedger, Reservation
@@ -279,7 +279,7 @@ def check_request(raw_path: str, raw_query: str, headers: Sequence[tuple[str, st
             )
 
 
-def check_body(operation: str, headers: Sequence[tuple[str, str]], body: bytes) -> None:
+def check_body(operation: str, headers: Sequence[tuple[str, str]], body: bytes | RequestBody) -> None:
     """A JSON operation's body must be a JSON object (so must an InvokeModel body sent as JSON)."""
     if operation in JSON_OPERATIONS:
         pass
@@ -289,10 +289,7 @@ def check_body(operation: str, headers: Sequence[tuple[str, str]], body: bytes) 
             return
     else:
         return
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        parsed = None
+    parsed = RequestBody.of(body).json
     if not isinstance(parsed, dict) or _depth_exceeds(parsed, MAX_JSON_DEPTH):
         raise _error("ValidationException", f"bedrock-balancer: {MALFORMED_BODY_MESSAGE} (the body must be a JSON object)")
 

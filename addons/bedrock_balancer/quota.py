@@ -16,10 +16,10 @@ Plain code with an injectable clock.
 from __future__ import annotations
 
 import fnmatch
-import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from .classify import RequestBody
 
 DEFAULT_MAX_TOKENS = 1000  # reserved when a request names no maximum (the emulator does the same)
 CHARS_PER_TOKEN = 4
@@ -140,15 +140,18 @@ def budgets_for(target, model_id: str | None) -> list[tuple[tuple[str, str], Bud
     return budgets
 
 
-def estimate_tokens(body: bytes) -> int:
+def estimate_tokens(body: bytes | RequestBody) -> int:
     """What Bedrock reserves for a request: estimated input tokens plus its maximum output tokens."""
+    body = RequestBody.of(body)
+    parsed = body.json
+    if parsed is None:  # empty, or not JSON
+        return len(body.raw) // CHARS_PER_TOKEN + DEFAULT_MAX_TOKENS
+    if not isinstance(parsed, dict):
+        return DEFAULT_MAX_TOKENS
     try:
-        parsed = json.loads(body) if body else {}
-        if not isinstance(parsed, dict):
-            return DEFAULT_MAX_TOKENS
         return _text_length(parsed) // CHARS_PER_TOKEN + max_tokens_of(parsed)
-    except (ValueError, RecursionError):  # not JSON, or absurdly nested
-        return len(body) // CHARS_PER_TOKEN + DEFAULT_MAX_TOKENS
+    except RecursionError:  # absurdly nested
+        return len(body.raw) // CHARS_PER_TOKEN + DEFAULT_MAX_TOKENS
 
 
 def max_tokens_of(body: dict) -> int:
