@@ -590,7 +590,7 @@ class BedrockBalancer:
         if exchange is not None and exchange.stream_outcome == "truncated":
             error = error or "stream truncated"
         record = access_record(flow, exchange, status, latency_ms, error)
-        if self.metrics is not None:
+        if self.metrics is not None and self.admin is not None:  # nobody scrapes metrics without the admin listener
             self.metrics.observe(record)
         flow.comment = _comment(record)
         if error or (status or 0) >= 400:
