@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections import Counter
 
 import pytest
@@ -233,3 +234,23 @@ def test_failed_over_flows_are_marked_for_mitmweb(emu, proxy_factory, client_via
     client.converse(modelId=CLAUDE, messages=MESSAGES)
 
     assert shown == [(":repeat:", "us-east-1 → us-west-2 after 2 attempts (us-east-1 429)")]
+
+
+def test_a_client_that_leaves_mid_stream_is_logged_and_cools_nothing_down(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu))
+    client = client_via_proxy(proxy)
+    held = emu.hold_streams("us-east-1")
+    response = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+    stream = iter(response["stream"])
+    next(stream), next(stream)  # content is flowing; the rest is held upstream
+    response["stream"]._raw_stream.close()  # the app goes away mid-answer
+    held.release()
+
+    deadline = time.monotonic() + 10
+    record = None
+    while record is None and time.monotonic() < deadline:  # a condition polled with a deadline, not a sleep
+        record = next(iter(proxy.access_records()), None)
+
+    assert record["stream"] == "client-gone" and record["region"] == "us-east-1"
+    assert "client disconnected" in record["error"].lower()
+    assert proxy.balancer.router.cooldowns.snapshot() == []  # the region did nothing wrong

@@ -565,7 +565,11 @@ class BedrockBalancer:
             self.relay.discard(self._tokens.get(flow.id))
         if exchange is not None:
             contentview.attach_copy(flow)
-            self._finish(flow, exchange, exchange.started, error=exchange.error or (flow.error.msg if flow.error else "error"))
+            message = flow.error.msg if flow.error else "error"
+            if exchange.request.streaming and exchange.stream_outcome is None and exchange.status == 200:
+                # The stream had begun; mitmproxy gave up on it before the relay saw its end.
+                exchange.stream_outcome = "client-gone" if "client" in message.lower() else "truncated"
+            self._finish(flow, exchange, exchange.started, error=exchange.error or message)
         else:
             self._forget(flow)
 
