@@ -29,6 +29,7 @@ from . import accesslog, admin, affinity, classify, clientauth, config as config
 from .credentials import CredentialStore
 from .errors import BedrockError
 from .relay import EVENT_STREAM, EXCHANGE_HEADER, Exchange, Relay, forwardable_headers, redacted, upstream_path
+from . import state as state_module
 from .routing import Router
 
 log = logging.getLogger("bedrock_balancer")
@@ -56,6 +57,7 @@ class BedrockBalancer:
         self.access_log: accesslog.AccessLog | None = None
         self.authenticator: clientauth.Authenticator | None = None
         self.client_limits: clientauth.ClientLimits | None = None
+        self.state = None  # state_module.MemoryState or RedisState, with the router
         # Per-flow state lives here, keyed by flow id, not in flow.metadata: mitmproxy must be able to
         # serialise metadata (saved flows, mitmweb), and an Exchange holds the request and its signature.
         self._client_reservations: dict[str, tuple] = {}  # flow id -> (reservation, tokens reserved)
@@ -108,12 +110,20 @@ class BedrockBalancer:
             "and saved flows (0: keep nothing). The client always receives every byte as it arrives.",
         )
         loader.add_option(
+            "bedrock_state", str, "memory",
+            "Where quota reservations, cooldowns and per-client limits live: 'memory' (this process) or "
+            "redis://host:port/db, shared by several proxy instances (see the README, Scaling out). If Redis "
+            "becomes unreachable the proxy carries on with local state and returns to Redis when it answers.",
+        )
+        loader.add_option(
             "bedrock_debug_signatures", bool, False,
             "When client authentication rejects a signature, say in the 403 which canonical request and string "
             "to sign the proxy computed (as S3 does), to debug a client's signing.",
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "bedrock_state" in updated and (problem := state_module.validate_state_url(ctx.options.bedrock_state)):
+            raise exceptions.OptionsError(problem)
         if {"bedrock_config", "bedrock_regions"} & updated:
             config = self._load_config()
             # Checked before anything changes: a refused update must leave the running proxy as it was.
@@ -122,6 +132,8 @@ class BedrockBalancer:
             self.config = config
             self.router = Router(self.config) if self.config else None
             self.metrics = admin.Metrics(self.router) if self.router else None
+        if {"bedrock_config", "bedrock_regions", "bedrock_state"} & updated:
+            self._configure_state()
             if self.config:
                 log.info("bedrock-balancer: %s over %s", self.config.strategy, ", ".join(f"{t} -> {t.endpoint_url}" for t in self.config.targets))
         if {"bedrock_config", "bedrock_regions", "bedrock_debug_signatures", "keep_host_header"} & updated:
@@ -166,6 +178,23 @@ class BedrockBalancer:
             raise exceptions.OptionsError(f"bedrock-balancer: {e}") from None
         return None
 
+    def _configure_state(self) -> None:
+        old = self.state
+        self.state = state_module.make_state(self.router, ctx.options.bedrock_state) if self.router else None
+        if self.router is not None:
+            self.router.shared_state = self.state
+        if self.relay is not None and self.state is not None:
+            self.relay.state = self.state
+        if self.client_limits is not None:
+            self.client_limits.state = self.state
+        if old is not None and old is not self.state:
+            try:
+                asyncio.get_running_loop().create_task(old.close())
+            except RuntimeError:  # no loop yet: nothing was connected
+                pass
+        if self.state is not None and self.state.name != "memory":
+            log.info("bedrock-balancer: shared state in %s", state_module._safe(ctx.options.bedrock_state))
+
     def _configure_client_auth(self) -> None:
         config = self.config
         if config is None or not config.authenticates_clients:
@@ -175,6 +204,7 @@ class BedrockBalancer:
             config.clients, config.api_keys, debug_signatures=ctx.options.bedrock_debug_signatures
         )
         self.client_limits = clientauth.ClientLimits(config.client_limits, config.quota_window_s)
+        self.client_limits.state = self.state
         if not ctx.options.keep_host_header:
             # Reverse mode rewrites the Host header to the reverse target before any hook runs; the client
             # signed its own Host, so verification needs it kept. (The relay sets the upstream Host itself.)
@@ -269,7 +299,7 @@ class BedrockBalancer:
         if self.relay is not None:
             await self.relay.close()
         credentials = CredentialStore(self.config.targets)
-        self.relay = Relay(self.config, self.router, credentials, self._upstream_ssl_context())
+        self.relay = Relay(self.config, self.router, credentials, self._upstream_ssl_context(), state=self.state)
         await self.relay.start()
         await credentials.warm_up()
 
@@ -310,6 +340,8 @@ class BedrockBalancer:
             await self.admin.close()
         if self.relay is not None:
             await self.relay.close()
+        if self.state is not None:
+            await self.state.close()
         if self.access_log is not None:
             self.access_log.close()
 

@@ -153,7 +153,7 @@ def status(router: Router, metrics: Metrics | None = None) -> dict:
         "quota_window_s": router.config.quota_window_s,
         "targets": targets,
         "cooldowns": cooldowns,
-        "state": "memory",
+        "state": router.shared_state.status() if router.shared_state is not None else "memory",
     }
 
 

@@ -40,8 +40,8 @@ from .config import Config, Target
 from .credentials import CredentialsUnavailable, CredentialStore
 from .errors import BedrockError, error_type_of
 from .health import parse_retry_after
-from .quota import budgets_for
 from .routing import Choice, NotYet, Router
+from .state import Lease, MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,10 @@ def redacted(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 class Relay:
-    def __init__(self, config: Config, router: Router, credentials: CredentialStore, ssl_context: ssl.SSLContext):
+    def __init__(self, config: Config, router: Router, credentials: CredentialStore, ssl_context: ssl.SSLContext, state=None):
         self.config = config
         self.router = router
+        self.state = state or MemoryState(router)  # where cooldowns and budgets live (see .state)
         self.credentials = credentials
         self.ssl_context = ssl_context
         self._exchanges: dict[str, Exchange] = {}
@@ -246,23 +247,23 @@ class Relay:
         failure: Failure | None = None
         for _ in range(retry.max_attempts):
             try:
-                choice = await self._choose(exchange, deadline)
+                chosen = await self._choose(exchange, deadline)
             except BedrockError as e:
                 return self._proxy_error(exchange, e)
-            if choice is None:  # waited for a target until the deadline
+            if chosen is None:  # waited for a target until the deadline
                 break
-            outcome = await self._attempt(exchange, choice, stream_to)
+            outcome = await self._attempt(exchange, *chosen, stream_to)
             if not isinstance(outcome, Failure):
                 return outcome
             failure = outcome
         return self._give_up(exchange, failure)
 
-    async def _choose(self, exchange: Exchange, deadline: float) -> Choice | None:
-        """A target for the next attempt, waiting for one to recover if all are cooling down."""
+    async def _choose(self, exchange: Exchange, deadline: float) -> tuple[Choice, Lease] | None:
+        """A target for the next attempt, reserved in its budgets, waiting for one to recover if all are cooling down."""
         while True:
             try:
-                exchange.choice = self.router.choose(exchange.request, exchange.tokens, exchange.affinity_key)
-                return exchange.choice
+                exchange.choice, lease = await self.state.acquire(exchange.request, exchange.tokens, exchange.affinity_key)
+                return exchange.choice, lease
             except NotYet as not_yet:
                 now = time.monotonic()
                 if not_yet.retry_at >= deadline:
@@ -285,13 +286,13 @@ class Relay:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    async def _attempt(self, exchange: Exchange, choice: Choice, stream_to: web.BaseRequest | None) -> Answer | web.StreamResponse | Failure:
-        target, model = choice.target, choice.model_id
+    async def _attempt(
+        self, exchange: Exchange, choice: Choice, lease: Lease, stream_to: web.BaseRequest | None
+    ) -> Answer | web.StreamResponse | Failure:
+        target = choice.target
         attempt = Attempt(target.name, target.region)
         exchange.attempts.append(attempt)
         started = time.monotonic()
-        self.router.cooldowns.begin(target.name, model)
-        reservation = self.router.ledger.reserve(budgets_for(target, model), exchange.tokens)
         self.router.started(target)
         upstream: aiohttp.ClientResponse | None = None
         verdict = False  # whether the cooldowns learnt anything from this attempt
@@ -309,7 +310,7 @@ class Relay:
                 if upstream.status in RETRYABLE_STATUSES:
                     body = await upstream.read()
                     verdict = True
-                    return self._failed(exchange, choice, attempt, started, upstream, body)
+                    return await self._failed(exchange, lease, attempt, started, upstream, body)
                 is_stream = (
                     stream_to is not None
                     and upstream.status == 200
@@ -321,18 +322,18 @@ class Relay:
                 verdict = True
                 if not meter.content_seen and (meter.exception is None or meter.exception in RETRYABLE_STREAM_EXCEPTIONS):
                     reason = meter.exception or ("sent a corrupt frame" if meter.corrupt else "ended the stream before its first event")
-                    return self._unreachable(choice, attempt, started, f"stream {reason}", whole_target=False)
-                self._succeeded(exchange, choice, attempt, started)
+                    return await self._unreachable(lease, attempt, started, f"stream {reason}", whole_target=False)
+                await self._succeeded(exchange, lease, attempt, started)
                 exchange.first_event_ms = _ms_since(exchange.started)
                 response = await self._stream(exchange, upstream, stream_to, head, meter)
-                self.router.ledger.settle(reservation, _tokens_used(exchange.usage, exchange.tokens))
+                await self.state.settle(lease, _tokens_used(exchange.usage, exchange.tokens))
                 settled = True
                 return response
             body = await upstream.read()
             verdict = True
-            self._succeeded(exchange, choice, attempt, started)
+            await self._succeeded(exchange, lease, attempt, started)
             exchange.usage = usage.from_response(upstream.headers.get, body)
-            self.router.ledger.settle(reservation, _tokens_used(exchange.usage, exchange.tokens))
+            await self.state.settle(lease, _tokens_used(exchange.usage, exchange.tokens))
             settled = True
             return Answer(upstream.status, self._response_headers(exchange, upstream), body)
         except CredentialsUnavailable as e:
@@ -341,39 +342,40 @@ class Relay:
         except TimeoutError:
             verdict = True
             if exchange.request.streaming:
-                return self._unreachable(choice, attempt, started, "stalled before its first event", whole_target=False)
-            return self._unreachable(choice, attempt, started, "timed out")
+                return await self._unreachable(lease, attempt, started, "stalled before its first event", whole_target=False)
+            return await self._unreachable(lease, attempt, started, "timed out")
         except aiohttp.ClientError as e:
             verdict = True
-            return self._unreachable(choice, attempt, started, f"{type(e).__name__}: {e}".rstrip(": "))
+            return await self._unreachable(lease, attempt, started, f"{type(e).__name__}: {e}".rstrip(": "))
         finally:
             self.router.finished(target)
             if not verdict:
-                self.router.cooldowns.release_probe(target.name, model)
+                await self.state.release_probe(lease)
             if not settled:  # never ran upstream: it used no tokens (the request still counts)
-                self.router.ledger.settle(reservation, 0)
+                await self.state.settle(lease, 0)
             if upstream is not None:
                 upstream.release()
 
-    def _failed(self, exchange, choice, attempt, started, upstream, body) -> Failure:
+    async def _failed(self, exchange, lease: Lease, attempt, started, upstream, body) -> Failure:
+        choice = lease.choice
         error_type = error_type_of(upstream.headers.get, body) or str(upstream.status)
         attempt.error, attempt.ms = error_type, _ms_since(started)
-        self.router.cooldowns.failed(
-            choice.target.name, choice.model_id, f"{upstream.status} {error_type}", retry_after_s=parse_retry_after(upstream.headers.get)
-        )
+        await self.state.failed(lease, f"{upstream.status} {error_type}", retry_after_s=parse_retry_after(upstream.headers.get))
         return Failure(f"{choice.target} answered {upstream.status} {error_type}", upstream.status, list(upstream.headers.items()), body)
 
-    def _unreachable(self, choice: Choice, attempt: Attempt, started: float, reason: str, whole_target: bool = True) -> Failure:
+    async def _unreachable(self, lease: Lease, attempt: Attempt, started: float, reason: str, whole_target: bool = True) -> Failure:
         """No usable answer: connection failure or timeout (the whole target), or a stream that never started (the model)."""
+        choice = lease.choice
         attempt.error, attempt.ms = reason, _ms_since(started)
-        self.router.cooldowns.failed(choice.target.name, choice.model_id, reason, whole_target=whole_target)
+        await self.state.failed(lease, reason, whole_target=whole_target)
         return Failure(f"{choice.target} {reason}")
 
-    def _succeeded(self, exchange: Exchange, choice: Choice, attempt: Attempt, started: float) -> None:
+    async def _succeeded(self, exchange: Exchange, lease: Lease, attempt: Attempt, started: float) -> None:
+        choice = lease.choice
         attempt.ms = _ms_since(started)
         exchange.choice = choice
         exchange.status = attempt.status
-        self.router.cooldowns.succeeded(choice.target.name, choice.model_id)
+        await self.state.succeeded(lease)
         self.router.observe_latency(choice.target, attempt.ms)
         if attempt.status == 200:
             self.router.remember(exchange.affinity_key, choice.target)

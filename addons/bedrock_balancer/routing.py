@@ -64,6 +64,7 @@ class Router:
         self._current_weight = {t.name: 0 for t in config.targets}
         self._tie_breaker = itertools.count()
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.shared_state = None  # the state backend (see .state), for status pages; None: this router's own
 
     # -- eligibility ---------------------------------------------------------------------------
 
@@ -90,16 +91,21 @@ class Router:
 
     # -- choosing ------------------------------------------------------------------------------
 
-    def choose(self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None) -> Choice:
-        """The target for this request now; raises :class:`NotYet` or a :class:`BedrockError`."""
+    def choose(self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None, *, cooldowns=None, ledger=None) -> Choice:
+        """The target for this request now; raises :class:`NotYet` or a :class:`BedrockError`.
+
+        ``cooldowns`` and ``ledger`` replace the router's own for this decision: a shared state backend
+        passes its view of the shared circuits and budgets (see :mod:`.state`)."""
+        cooldowns = cooldowns or self.cooldowns
+        ledger = ledger or self.ledger
         choices = self.eligible(request)
         if not choices:
             raise BedrockError("ValidationException", self._why_none(request))
-        available = [c for c in choices if self.cooldowns.available(c.target.name, c.model_id)]
-        headroom = {c.target.name: self.ledger.headroom(budgets_for(c.target, c.model_id), tokens) for c in available}
+        available = [c for c in choices if cooldowns.available(c.target.name, c.model_id)]
+        headroom = {c.target.name: ledger.headroom(budgets_for(c.target, c.model_id), tokens) for c in available}
         available = [c for c in available if headroom[c.target.name] is None or headroom[c.target.name] >= 0]
         if not available:
-            raise self._not_yet(choices, tokens)
+            raise self._not_yet(choices, tokens, cooldowns, ledger)
         if affinity_key is not None and (sticky := self._sticky(affinity_key, available)) is not None:
             return sticky
         return self._by_strategy(available, headroom)
@@ -144,11 +150,13 @@ class Router:
         tied = [c for c in choices if load(c) == lowest]
         return tied[next(self._tie_breaker) % len(tied)]
 
-    def _not_yet(self, choices: list[Choice], tokens: int) -> NotYet:
+    def _not_yet(self, choices: list[Choice], tokens: int, cooldowns=None, ledger=None) -> NotYet:
+        cooldowns = cooldowns or self.cooldowns
+        ledger = ledger or self.ledger
         retry_at = min(
             max(
-                self.cooldowns.next_available_at(c.target.name, c.model_id),
-                self.ledger.next_fit_at(budgets_for(c.target, c.model_id), tokens),
+                cooldowns.next_available_at(c.target.name, c.model_id),
+                ledger.next_fit_at(budgets_for(c.target, c.model_id), tokens),
             )
             for c in choices
         )
