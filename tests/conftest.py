@@ -106,3 +106,24 @@ def client_via_endpoint():
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory):
+    """A real redis-server on a free loopback port (fails, never skips, when redis-server is missing)."""
+    from redisserver import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_session):
+    """The session's Redis, running and empty for each test."""
+    if redis_session.process is None or redis_session.process.poll() is not None:
+        redis_session.start()
+    redis_session.flush()
+    yield redis_session
+    if redis_session.process is None or redis_session.process.poll() is not None:
+        redis_session.start()

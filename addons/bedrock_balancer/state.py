@@ -312,12 +312,13 @@ class RedisState:
 
     name = "redis"
 
-    def __init__(self, router: Router, url: str, *, prefix: str = KEY_PREFIX, rng: random.Random | None = None):
+    def __init__(self, router: Router, url: str, *, prefix: str = KEY_PREFIX, rng: random.Random | None = None, recheck_s: float = RECHECK_S):
         import redis.asyncio as aioredis  # only when configured
 
         self.router = router
         self.url = url
         self.prefix = prefix
+        self.recheck_s = recheck_s
         self.local = MemoryState(router)
         self._rng = rng or random.Random()
         self._redis = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, retry_on_timeout=False)
@@ -363,7 +364,7 @@ class RedisState:
             if self.degraded_since is None:
                 self.degraded_since = time.monotonic()
                 log.warning("bedrock-balancer: Redis state at %s unreachable (%s); using local state until it answers again", _safe(self.url), e)
-            self._next_check = time.monotonic() + RECHECK_S
+            self._next_check = time.monotonic() + self.recheck_s
             self.fallbacks += 1
             return None
         self.round_trips += 1

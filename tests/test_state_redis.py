@@ -1,0 +1,191 @@
+"""The Redis state backend against a real redis-server: two routers (as two proxy instances would have)
+share budgets, cooldowns and probes; Redis trouble falls back to local state and recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import redis
+
+from bedrock_balancer import config, state
+from bedrock_balancer.classify import classify
+from bedrock_balancer.routing import NotYet, Router
+
+HOST = "bedrock-runtime.us-east-1.amazonaws.com"
+MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
+
+
+def converse():
+    return classify("POST", f"/model/{MODEL}/converse", HOST, None, None)
+
+
+def instance(url: str, targets: list[dict], **top) -> state.RedisState:
+    router = Router(config.parse({"targets": targets, **top}))
+    return state.RedisState(router, url, rng=random.Random(0), recheck_s=0.0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _closing(states, body):
+    try:
+        return await body()
+    finally:
+        for s in states:
+            await s.close()
+
+
+def test_state_option_validation():
+    assert state.validate_state_url("memory") is None
+    assert state.validate_state_url("redis://127.0.0.1:6379/0") is None
+    for bad in ("redis", "http://x:1/0", "redis://:6379/0", "redis://h:notaport/0", "redis://h:1/x"):
+        problem = state.validate_state_url(bad)
+        assert problem and problem.startswith("bedrock_state:"), bad
+
+
+def test_budgets_are_shared_across_instances(redis_server):
+    targets = [{"region": "us-east-1", "rpm": 3}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+
+    async def body():
+        leases = []
+        for s in (a, b, a):
+            choice, lease = await s.acquire(converse(), 10, None)
+            assert not lease.local
+            leases.append(lease)
+        with pytest.raises(NotYet) as refused:
+            await b.acquire(converse(), 10, None)
+        assert refused.value.retry_at > asyncio.get_running_loop().time() + 50  # the window must slide (60 s)
+        for lease in leases:
+            await a.settle(lease, 5)
+        with pytest.raises(NotYet):  # settling does not give requests back
+            await a.acquire(converse(), 10, None)
+
+    run(_closing([a, b], body))
+    assert a.status()["shared"] and b.status()["shared"]
+
+
+def test_token_budget_counts_settled_usage_across_instances(redis_server):
+    targets = [{"region": "us-east-1", "tpm": 1000}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+
+    async def body():
+        _, lease = await a.acquire(converse(), 900, None)
+        with pytest.raises(NotYet):
+            await b.acquire(converse(), 200, None)  # 900 reserved + 200 > 1000
+        await a.settle(lease, 100)  # it really used 100
+        _, second = await b.acquire(converse(), 800, None)
+        assert not second.local
+
+    run(_closing([a, b], body))
+
+
+def test_quota_strategy_spreads_by_shared_headroom(redis_server):
+    targets = [{"region": "us-east-1", "rpm": 10}, {"region": "us-west-2", "rpm": 10}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+
+    async def body():
+        picks = []
+        for i in range(20):
+            choice, _ = await (a if i % 2 else b).acquire(converse(), 1, None)
+            picks.append(choice.target.region)
+        with pytest.raises(NotYet):
+            await a.acquire(converse(), 1, None)
+        return picks
+
+    picks = run(_closing([a, b], body))
+    assert picks.count("us-east-1") == 10 and picks.count("us-west-2") == 10
+
+
+def test_a_cooldown_learnt_by_one_instance_is_honoured_by_the_other(redis_server):
+    targets = [{"region": "us-east-1"}, {"region": "us-west-2"}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+
+    async def body():
+        choice, lease = await a.acquire(converse(), 1, None)
+        cooldown = await a.failed(lease, "429 ThrottlingException")
+        assert 0.5 <= cooldown <= 1.0
+        for _ in range(4):
+            other, lease_b = await b.acquire(converse(), 1, None)
+            assert other.target.name != choice.target.name
+            await b.settle(lease_b, 1)
+        return choice
+
+    run(_closing([a, b], body))
+
+
+def test_half_open_probe_is_shared_and_success_closes_the_circuit(redis_server):
+    targets = [{"region": "us-east-1"}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+
+    async def body():
+        _, lease = await a.acquire(converse(), 1, None)
+        await a.failed(lease, "503", retry_after_s=0)  # open for 0 s: half-open at once
+        _, probe = await a.acquire(converse(), 1, None)
+        assert probe.probe and probe.had_circuit
+        with pytest.raises(NotYet):  # the other instance waits for the probe's verdict
+            await b.acquire(converse(), 1, None)
+        await a.succeeded(probe)
+        _, after = await b.acquire(converse(), 1, None)
+        assert not after.probe and not after.had_circuit
+
+    run(_closing([a, b], body))
+
+
+def test_whole_target_failure_cools_every_model(redis_server):
+    targets = [{"region": "us-east-1"}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+    other_model = classify("POST", "/model/amazon.nova-lite-v1:0/converse", HOST, None, None)
+
+    async def body():
+        _, lease = await a.acquire(converse(), 1, None)
+        await a.failed(lease, "connection refused", whole_target=True)
+        with pytest.raises(NotYet):
+            await b.acquire(other_model, 1, None)
+
+    run(_closing([a, b], body))
+
+
+def test_every_key_expires_and_a_request_costs_two_round_trips(redis_server):
+    targets = [{"region": "us-east-1", "rpm": 100, "tpm": 100000, "model_quotas": {"anthropic.*": {"rpm": 50}}}, {"region": "us-west-2", "rpm": 100}]
+    a = instance(redis_server.url, targets)
+
+    async def body():
+        _, lease = await a.acquire(converse(), 10, None)  # the first: one look, one reservation
+        await a.settle(lease, 5)
+        first = a.round_trips
+        for _ in range(10):
+            _, lease = await a.acquire(converse(), 10, None)
+            await a.settle(lease, 5)
+        _, lease = await a.acquire(converse(), 10, None)
+        await a.failed(lease, "503")
+        return first, a.round_trips
+
+    first, total = run(_closing([a], body))
+    assert first == 3
+    assert total - first == 10 * 2 + 2  # steady state: 1 to choose+reserve, 1 to settle; a failure: 1 (+1 to acquire)
+    client = redis.Redis(port=redis_server.port)
+    keys = client.keys("bb:*")
+    assert keys and all(client.pttl(k) > 0 for k in keys)
+
+
+def test_redis_down_falls_back_to_local_state_then_recovers(redis_server):
+    targets = [{"region": "us-east-1", "rpm": 2}]
+    a = instance(redis_server.url, targets)
+
+    async def body():
+        _, lease = await a.acquire(converse(), 1, None)
+        assert not lease.local
+        redis_server.stop()
+        _, fallback = await a.acquire(converse(), 1, None)  # no error: local state
+        assert fallback.local and a.status()["mode"] == "local-fallback"
+        await a.settle(fallback, 1)
+        await a.settle(lease, 1)  # a shared lease settled while Redis is down: dropped, no error
+        redis_server.start()
+        _, back = await a.acquire(converse(), 1, None)
+        assert not back.local and a.status()["mode"] == "shared"
+
+    run(_closing([a], body))
