@@ -1,0 +1,181 @@
+"""Several proxy instances (separate ``bedrock-balancer`` processes: mitmproxy keeps globals) sharing
+state in a real redis-server, in front of one emulator process with quotas per region."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import benchutil as bu  # noqa: E402
+
+PROXY_CREDENTIALS = ("AKIDPROXYSCALE", "proxy-scale-secret")
+CLIENT_CREDENTIALS = ("AKIDCLIENTSCALE", "client-secret-never-forwarded")
+REGIONS = ["us-east-1", "us-west-2"]
+MODEL = "amazon.nova-lite-v1:0"
+WINDOW_S = 2.0  # the proxies' (compressed) quota window
+EMULATOR_WINDOW_S = 1.8  # the emulator's: a little shorter, the margin for the network between them
+RPM = 4  # requests per window per region
+
+
+@pytest.fixture(scope="module")
+def emulator_process(tmp_path_factory):
+    emulator = bu.EmulatorProcess(tmp_path_factory.mktemp("emulator"), REGIONS, PROXY_CREDENTIALS)
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def upstream(emulator_process):
+    emulator_process.reset()
+    yield emulator_process
+    emulator_process.reset()
+
+
+@pytest.fixture
+def instances(tmp_path, upstream):
+    group = bu.ProcessGroup()
+
+    def start(count: int, state: str, targets: dict[str, dict], **top) -> list[bu.ProxyHandle]:
+        config = {"strategy": "quota", "quota_window_s": WINDOW_S, **top,
+                  "targets": [{"region": r, "endpoint_url": upstream.url(r), **targets.get(r, {})} for r in REGIONS]}
+        return [
+            bu.start_proxy(tmp_path, yaml.safe_dump(config), upstream.url(REGIONS[0]), PROXY_CREDENTIALS, f"proxy{i}",
+                           extra_args=["--set", f"bedrock_state={state}", "--set", "bedrock_admin=127.0.0.1:0"], group=group)
+            for i in range(count)
+        ]
+
+    yield start
+    group.stop_all()
+
+
+def client(proxy: bu.ProxyHandle):
+    return bu.boto_client(proxy.url, "us-east-1", CLIENT_CREDENTIALS, {"total_max_attempts": 1}, 16)
+
+
+def converse(c) -> str:
+    response = c.converse(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}], inferenceConfig={"maxTokens": 20})
+    return response["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"]
+
+
+def records(emulator) -> list[dict]:
+    return emulator.control("requests")["requests"]
+
+
+def most_in_any_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    return max((sum(1 for t in times[i:] if t < start + window) for i, start in enumerate(times)), default=0)
+
+
+def admin_status(proxy: bu.ProxyHandle) -> dict:
+    port = re.search(r"admin listener at http://[^:]+:(\d+)", proxy.process.output()).group(1)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_three_instances_never_exceed_a_region_quota(upstream, instances, redis_server):
+    for region in REGIONS:
+        upstream.set_quota(region, RPM, None, EMULATOR_WINDOW_S)
+    proxies = instances(3, redis_server.url, {r: {"rpm": RPM} for r in REGIONS}, retry={"deadline_s": 20})
+    clients = [client(p) for p in proxies]
+
+    with ThreadPoolExecutor(24) as pool:  # 3 windows' worth of the aggregate quota, all at once
+        served = list(pool.map(lambda i: converse(clients[i % 3]), range(24)))
+
+    assert sorted(set(served)) == REGIONS
+    seen = records(upstream)
+    assert len(seen) == 24 and all(r["status"] == 200 for r in seen), [r["status"] for r in seen]
+    for region in REGIONS:
+        times = [r["ts"] for r in seen if r["region"] == region]
+        assert most_in_any_window(times, EMULATOR_WINDOW_S) <= RPM
+    assert all(admin_status(p)["state"]["mode"] == "shared" for p in proxies)
+
+
+def test_without_shared_state_instances_overrun_the_quota(upstream, instances):
+    """The control: the same load with per-instance memory state sends N times the quota."""
+    for region in REGIONS:
+        upstream.set_quota(region, RPM, None, EMULATOR_WINDOW_S)
+    proxies = instances(3, "memory", {r: {"rpm": RPM} for r in REGIONS}, retry={"deadline_s": 20, "max_attempts": 1})
+    clients = [client(p) for p in proxies]
+
+    def attempt(i: int) -> None:
+        try:
+            converse(clients[i % 3])
+        except Exception:
+            pass
+
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(attempt, range(24)))
+    assert any(r["status"] == 429 for r in records(upstream))
+    assert admin_status(proxies[0])["state"] == "memory"
+
+
+def test_a_cooldown_learnt_by_one_instance_is_honoured_by_the_others(upstream, instances, redis_server):
+    upstream.set_mode("us-east-1", "throttle")
+    proxies = instances(3, redis_server.url, {}, retry={"cooldown_base_s": 60, "cooldown_max_s": 60})
+
+    assert converse(client(proxies[0])) == "us-west-2"  # us-east-1 answered 429, then failover
+    assert [r["region"] for r in records(upstream)] == ["us-east-1", "us-west-2"]
+    for proxy in proxies[1:]:
+        c = client(proxy)
+        assert [converse(c) for _ in range(3)] == ["us-west-2"] * 3
+
+    assert [r["region"] for r in records(upstream)].count("us-east-1") == 1
+    cooling = admin_status(proxies[2])
+    assert [t["cooling_down"] for t in cooling["targets"]] == [False, False]  # its own view is empty: the state is in Redis
+
+
+def test_redis_stopped_and_restarted_mid_run(upstream, instances, redis_server):
+    proxies = instances(2, redis_server.url, {r: {"rpm": 1000} for r in REGIONS})
+    clients = [client(p) for p in proxies]
+    errors: list[BaseException] = []
+    served = [0]
+    stop = threading.Event()
+
+    def load(c) -> None:
+        while not stop.is_set():
+            try:
+                converse(c)
+                served[0] += 1
+            except BaseException as e:  # noqa: BLE001 - every client-visible failure counts
+                errors.append(e)
+
+    threads = [threading.Thread(target=load, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: served[0] >= 10, 20, "traffic through shared state")
+        redis_server.stop()
+        wait_for(lambda: all(admin_status(p)["state"]["mode"] == "local-fallback" for p in proxies), 20, "local fallback")
+        during = served[0]
+        wait_for(lambda: served[0] >= during + 10, 20, "traffic while Redis is down")
+        redis_server.start()
+        wait_for(lambda: all(admin_status(p)["state"]["mode"] == "shared" for p in proxies), 20, "return to shared state")
+        after = served[0]
+        wait_for(lambda: served[0] >= after + 10, 20, "traffic after Redis is back")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert errors == []
+    for proxy in proxies:
+        output = proxy.process.output()
+        assert output.count("unreachable") == 1 and "answers again" in output
