@@ -189,3 +189,64 @@ def test_redis_down_falls_back_to_local_state_then_recovers(redis_server):
         assert not back.local and a.status()["mode"] == "shared"
 
     run(_closing([a], body))
+
+
+def test_shared_client_limits_across_instances(redis_server):
+    from bedrock_balancer.clientauth import ClientLimits
+    from bedrock_balancer.errors import BedrockError
+    from bedrock_balancer.quota import Budget
+
+    targets = [{"region": "us-east-1"}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+    limits_a = ClientLimits([("team-a", Budget(rpm=2))], 60.0)
+    limits_b = ClientLimits([("team-a", Budget(rpm=2))], 60.0)
+    limits_a.state, limits_b.state = a, b
+
+    async def body():
+        first = await limits_a.admit_shared("team-a", 10)
+        second = await limits_b.admit_shared("team-a", 10)
+        assert not first.local and not second.local
+        with pytest.raises(BedrockError, match="over its rpm limit") as refused:
+            await limits_a.admit_shared("team-a", 10)
+        assert refused.value.error_type == "ThrottlingException"
+        assert await limits_a.admit_shared("team-b", 10) is None  # no limits configured for team-b
+        limits_a.settle(first, 3)
+        await asyncio.gather(*limits_a._pending)
+
+    run(_closing([a, b], body))
+
+
+def test_bedrock_state_option_is_checked_in_configure(redis_server):
+    from mitmproxy import exceptions
+    from mitmproxy.addons.proxyserver import Proxyserver
+    from mitmproxy.test import taddons
+
+    from bedrock_balancer.addon import BedrockBalancer
+
+    balancer = BedrockBalancer()
+    with taddons.context(Proxyserver(), balancer) as context:
+        context.configure(balancer, bedrock_regions="us-east-1,us-west-2")
+        assert balancer.state.name == "memory" and balancer.relay is None
+        with pytest.raises(exceptions.OptionsError, match="^bedrock_state: 'mysql://x' is neither"):
+            context.configure(balancer, bedrock_state="mysql://x")
+        context.configure(balancer, bedrock_state=redis_server.url)
+        assert balancer.state.name == "redis" and balancer.router.shared_state is balancer.state
+        context.configure(balancer, bedrock_state="memory")
+        assert balancer.state.name == "memory"
+
+
+def test_round_robin_positions_are_shared(redis_server):
+    targets = [{"region": "us-east-1", "weight": 2}, {"region": "us-west-2"}]
+    a, b = instance(redis_server.url, targets, strategy="round-robin"), instance(redis_server.url, targets, strategy="round-robin")
+
+    async def body():
+        alone = [(await a.acquire(converse(), 1, None))[0].target.region for _ in range(6)]
+        together = [(await (a if i % 2 else b).acquire(converse(), 1, None))[0].target.region for i in range(30)]
+        return alone, together
+
+    alone, together = run(_closing([a, b], body))
+    assert alone == ["us-east-1", "us-west-2", "us-east-1"] * 2  # smooth weighted round-robin, as in memory
+    # Two instances taking turns continue the one shared sequence, as one proxy would.
+    assert together == ["us-east-1", "us-west-2", "us-east-1"] * 10
+    client = redis.Redis(port=redis_server.port)
+    assert sum(int(v) for v in client.hvals("bb:rr")) == 0  # every step kept the weights balanced

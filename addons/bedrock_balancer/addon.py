@@ -453,7 +453,7 @@ class BedrockBalancer:
         try:
             self._check_request(flow)
             exchange = self._exchange_for(flow)
-            self._admit_client(flow, exchange)
+            await self._admit_client(flow, exchange)
         except BedrockError as e:
             _redact_client_credentials(flow.request)
             flow.response = _error_response(e)
@@ -522,12 +522,12 @@ class BedrockBalancer:
                 f"({request.host}:{request.port})",
             )
 
-    def _admit_client(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+    async def _admit_client(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         name = flow.metadata.get(CLIENT_NAME_KEY)
         if self.client_limits is None or name is None:
             return
         tokens = exchange.tokens or (quota.estimate_tokens(exchange.body) if self.client_limits.limits_tokens(name) else 0)
-        reservation = self.client_limits.admit(name, tokens)
+        reservation = await self.client_limits.admit_shared(name, tokens)
         if reservation is not None:
             self._client_reservations[flow.id] = (reservation, tokens)
 

@@ -362,6 +362,8 @@ class ClientLimits:
     def __init__(self, limits: Iterable[tuple[str, Budget]], window_s: float, clock: Callable[[], float] = time.monotonic):
         self._budgets = dict(limits)
         self.ledger = QuotaLedger(window_s, clock)
+        self.state = None  # a shared state backend (see .state); its client_admit, if any, keeps the budgets
+        self._pending: set = set()  # shared settlements under way
 
     def limits_tokens(self, name: str) -> bool:
         budget = self._budgets.get(name)
@@ -385,6 +387,37 @@ class ClientLimits:
             )
         return self.ledger.reserve(budgets, tokens)
 
-    def settle(self, reservation: Reservation | None, tokens: int) -> None:
-        if reservation is not None:
+    async def admit_shared(self, name: str, tokens: int):
+        """:meth:`admit`, in the shared state when there is one (falling back to this process's ledger)."""
+        budget = self._budgets.get(name)
+        shared = getattr(self.state, "client_admit", None)
+        if budget is None or shared is None:
+            return self.admit(name, tokens)
+        outcome = await shared(name, budget.rpm, budget.tpm, tokens)
+        if outcome is None:  # Redis unreachable: this process's own ledger
+            return self.admit(name, tokens)
+        admitted, lease, wait = outcome
+        if not admitted:
+            which = (
+                f"rpm limit ({budget.rpm} requests" if not budget.tpm
+                else f"tpm limit ({budget.tpm} tokens" if not budget.rpm
+                else f"rpm/tpm limit ({budget.rpm} requests, {budget.tpm} tokens"
+            )
+            raise _error(
+                "ThrottlingException",
+                f"bedrock-balancer: client {name!r} is over its {which} per {self.ledger.window_s:g} s); "
+                f"please wait before trying again (room again in about {max(0.0, wait):.0f} s)",
+            )
+        return lease
+
+    def settle(self, reservation, tokens: int) -> None:
+        if reservation is None:
+            return
+        if isinstance(reservation, Reservation):
             self.ledger.settle(reservation, tokens)
+            return
+        import asyncio  # a shared lease: settled in the background (the hooks that settle are synchronous)
+
+        task = asyncio.get_running_loop().create_task(self.state.settle(reservation, tokens))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)

@@ -64,6 +64,8 @@ class Router:
         self._current_weight = {t.name: 0 for t in config.targets}
         self._tie_breaker = itertools.count()
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._weights = self._current_weight
+        self.last_round: list[Target] | None = None
         self.shared_state = None  # the state backend (see .state), for status pages; None: this router's own
 
     # -- eligibility ---------------------------------------------------------------------------
@@ -91,11 +93,17 @@ class Router:
 
     # -- choosing ------------------------------------------------------------------------------
 
-    def choose(self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None, *, cooldowns=None, ledger=None) -> Choice:
+    def choose(
+        self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None, *, cooldowns=None, ledger=None, weights=None
+    ) -> Choice:
         """The target for this request now; raises :class:`NotYet` or a :class:`BedrockError`.
 
-        ``cooldowns`` and ``ledger`` replace the router's own for this decision: a shared state backend
-        passes its view of the shared circuits and budgets (see :mod:`.state`)."""
+        ``cooldowns``, ``ledger`` and ``weights`` (round-robin current weights) replace the router's own
+        for this decision: a shared state backend passes its view of the shared state (see :mod:`.state`),
+        and reads :attr:`last_round` (the targets a weighted round-robin step went over) to apply the
+        same step to the shared weights."""
+        self.last_round = None
+        self._weights = weights if weights is not None else self._current_weight
         cooldowns = cooldowns or self.cooldowns
         ledger = ledger or self.ledger
         choices = self.eligible(request)
@@ -133,13 +141,15 @@ class Router:
             return choices[0]
         total = 0
         best = None
+        current = self._weights
         for choice in choices:
             name = choice.target.name
-            self._current_weight[name] += choice.target.weight
+            current[name] = current.get(name, 0) + choice.target.weight
             total += choice.target.weight
-            if best is None or self._current_weight[name] > self._current_weight[best.target.name]:
+            if best is None or current[name] > current[best.target.name]:
                 best = choice
-        self._current_weight[best.target.name] -= total
+        current[best.target.name] -= total
+        self.last_round = [c.target for c in choices]
         return best
 
     def _least_outstanding(self, choices: list[Choice]) -> Choice:

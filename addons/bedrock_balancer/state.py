@@ -71,7 +71,7 @@ def validate_state_url(value: str) -> str | None:
 class Lease:
     """What one attempt holds: its target, its reservation, whether it is the probe."""
 
-    choice: Choice
+    choice: Choice | None  # None for a client's own budget
     reservation: Reservation | None = None  # memory
     entry_id: str | None = None  # redis
     budget_keys: list[str] = field(default_factory=list)
@@ -146,8 +146,10 @@ end
 """
 
 # ARGV: prefix, window_ms, tokens, chosen (1-based, 0: only look), entry id, probe_ttl_ms,
-#       ncandidates, then per candidate: target, model ('' for none), nbudgets, then per budget: key, rpm, tpm
-# Returns: ok, probe, had_circuit, then per candidate: available, next_available_ms (delay), headroom ('' none), fit_ms (delay)
+#       ncandidates, then per candidate: target, model ('' for none), nbudgets, then per budget: key, rpm, tpm,
+#       then the round-robin step (n, n x (target, weight)): the step picks among these with the shared weights
+# Returns: ok, probe, had_circuit, chosen (1-based), then per candidate: available, next_available_ms (delay), headroom ('' none),
+#       fit_ms (delay), round-robin current weight
 _ACQUIRE = _COMMON + """
 local prefix, window, tokens = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local chosen, id, probe_ttl = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
@@ -155,7 +157,7 @@ local now = now_ms()
 local horizon = now - window
 local n = tonumber(ARGV[7])
 local i = 8
-local out = {0, 0, 0}
+local out = {0, 0, 0, chosen}
 local cands = {}
 for c = 1, n do
   local target, model, nb = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -213,6 +215,21 @@ for c = 1, n do
   table.insert(out, next_at - now)
   table.insert(out, worst == nil and '' or tostring(worst))
   table.insert(out, fit - now)
+  table.insert(out, tonumber(redis.call('HGET', prefix .. 'rr', target) or '0'))
+end
+local rr_n = tonumber(ARGV[i] or '0')
+if chosen > 0 and rr_n > 0 then
+  -- The round-robin step on the shared weights (nginx's smooth weighted round-robin): the router chose
+  -- with the weights it last saw; the step over the same targets with the current weights decides.
+  local rr, best, best_w = prefix .. 'rr', nil, nil
+  for r = 1, rr_n do
+    local w = tonumber(redis.call('HGET', rr, ARGV[i + 2 * r - 1]) or '0') + tonumber(ARGV[i + 2 * r])
+    if best == nil or w > best_w then best, best_w = ARGV[i + 2 * r - 1], w end
+  end
+  for c = 1, n do
+    if cands[c].target == best then chosen = c end
+  end
+  out[4] = chosen
 end
 if chosen > 0 then
   local c = cands[chosen]
@@ -233,6 +250,19 @@ if chosen > 0 then
         redis.call('HSET', ck, 'p', now + probe_ttl)
         out[2] = 1
       end
+    end
+    if rr_n > 0 then
+      local rr, total = prefix .. 'rr', 0
+      for r = 1, rr_n do
+        local w = tonumber(ARGV[i + 2 * r])
+        redis.call('HINCRBY', rr, ARGV[i + 2 * r - 1], w)
+        total = total + w
+      end
+      redis.call('HINCRBY', rr, cands[chosen].target, -total)
+      redis.call('PEXPIRE', rr, 86400000)
+    end
+    for k = 1, n do  -- the view returned shows the weights after this step
+      out[4 + 5 * k] = tonumber(redis.call('HGET', prefix .. 'rr', cands[k].target) or '0')
     end
   end
 end
@@ -284,8 +314,10 @@ class _View:
     def __init__(self, reply: list, candidates: list[Choice], local_now: float):
         self.available_at: dict[str, tuple[bool, float]] = {}
         self.fit: dict[str, tuple[float | None, float]] = {}
+        self.weights: dict[str, int] = {}
         for index, choice in enumerate(candidates):
-            available, next_ms, headroom, fit_ms = reply[3 + 4 * index: 7 + 4 * index]
+            available, next_ms, headroom, fit_ms, weight = reply[4 + 5 * index: 9 + 5 * index]
+            self.weights[choice.target.name] = int(weight)
             headroom = _str(headroom)
             self.available_at[choice.target.name] = (int(available) == 1, local_now + int(next_ms) / 1000)
             self.fit[choice.target.name] = (float(headroom) if headroom else None, local_now + int(fit_ms) / 1000)
@@ -360,7 +392,7 @@ class RedisState:
             return None
         try:
             reply = await script(args=args)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+        except (redis.exceptions.RedisError, OSError) as e:  # any Redis trouble: never fail the request
             if self.degraded_since is None:
                 self.degraded_since = time.monotonic()
                 log.warning("bedrock-balancer: Redis state at %s unreachable (%s); using local state until it answers again", _safe(self.url), e)
@@ -393,7 +425,7 @@ class RedisState:
                 view, fresh = _View(reply, candidates, time.monotonic()), True
                 self._views[cache_key] = view
             try:
-                choice = router.choose(request, tokens, affinity_key, cooldowns=view, ledger=view)
+                choice = router.choose(request, tokens, affinity_key, cooldowns=view, ledger=view, weights=dict(view.weights))
             except NotYet:
                 if fresh:
                     self._views.pop(cache_key, None)  # look again next time
@@ -402,15 +434,21 @@ class RedisState:
                 continue
             index = next(i for i, c in enumerate(candidates) if c.target.name == choice.target.name)
             entry_id = secrets.token_hex(8)
+            round_args = [0]
+            if router.last_round:  # the shared round-robin step, applied only if the reservation is made
+                round_args = [len(router.last_round)]
+                for target in router.last_round:
+                    round_args += [target.name, target.weight]
             reply = await self._call(
                 self._acquire,
-                [self.prefix, int(router.config.quota_window_s * 1000), tokens, index + 1, entry_id, int(PROBE_TTL_S * 1000)] + args,
+                [self.prefix, int(router.config.quota_window_s * 1000), tokens, index + 1, entry_id, int(PROBE_TTL_S * 1000)] + args + round_args,
             )
             if reply is None:
                 return await self._local_acquire(request, tokens, affinity_key)
             view, fresh = _View(reply, candidates, time.monotonic()), True
             self._views[cache_key] = view
             if int(reply[0]) == 1:
+                choice = candidates[int(reply[3]) - 1]  # the shared round-robin step may have chosen another of the tied
                 keys = [_budget_key(key) for key, _ in budgets_for(choice.target, choice.model_id)]
                 return choice, Lease(choice, entry_id=entry_id, budget_keys=keys, probe=int(reply[1]) == 1, had_circuit=int(reply[2]) == 1, local=False)
         raise NotYet(time.monotonic() + PROBE_RECHECK_S, "the shared state kept changing")
@@ -459,6 +497,21 @@ class RedisState:
             return
         lease.settled = True
         await self._call(self._settle, [self.prefix, lease.entry_id, tokens, len(lease.budget_keys), *lease.budget_keys, "", "", ""])
+
+    async def client_admit(self, name: str, rpm: int | None, tpm: int | None, tokens: int) -> tuple[bool, Lease | None, float] | None:
+        """Reserve one request and ``tokens`` in a client's shared budget, atomically: (admitted, lease,
+        seconds until it would fit). None when Redis is unreachable (the caller uses its local ledger)."""
+        key = _budget_key((f"client:{name}", "*"))
+        entry_id = secrets.token_hex(8)
+        args = [self.prefix, int(self.router.config.quota_window_s * 1000), tokens, 1, entry_id, 0,
+                1, f"client:{name}", "", 1, key, rpm or 0, tpm or 0]
+        reply = await self._call(self._acquire, args)
+        if reply is None:
+            return None
+        fit_s = int(reply[7]) / 1000
+        if int(reply[0]) != 1:
+            return False, None, fit_s
+        return True, Lease(None, entry_id=entry_id, budget_keys=[key], local=False), fit_s
 
     # -- helpers -------------------------------------------------------------------------------
 
