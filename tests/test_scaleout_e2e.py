@@ -139,8 +139,7 @@ def test_a_cooldown_learnt_by_one_instance_is_honoured_by_the_others(upstream, i
         assert [converse(c) for _ in range(3)] == ["us-west-2"] * 3
 
     assert [r["region"] for r in records(upstream)].count("us-east-1") == 1
-    cooling = admin_status(proxies[2])
-    assert [t["cooling_down"] for t in cooling["targets"]] == [False, False]  # its own view is empty: the state is in Redis
+    assert admin_status(proxies[2])["state"]["mode"] == "shared"
 
 
 def test_redis_stopped_and_restarted_mid_run(upstream, instances, redis_server):
@@ -179,3 +178,45 @@ def test_redis_stopped_and_restarted_mid_run(upstream, instances, redis_server):
     for proxy in proxies:
         output = proxy.process.output()
         assert output.count("unreachable") == 1 and "answers again" in output
+
+
+def test_instances_behind_haproxy_share_the_load(upstream, instances, redis_server, tmp_path):
+    """examples/haproxy.cfg, as documented, in front of two instances."""
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("haproxy")
+    assert binary, "haproxy is not installed: apt-get install haproxy (scripts/test installs it when run as root)"
+    proxies = instances(2, redis_server.url, {r: {"rpm": 1000} for r in REGIONS})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        front = s.getsockname()[1]
+    template = (Path(__file__).resolve().parent.parent / "examples" / "haproxy.cfg").read_text()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(template)
+    env = {"FRONT_PORT": str(front), "PROXY0_PORT": str(proxies[0].port), "PROXY1_PORT": str(proxies[1].port), "PATH": "/usr/bin:/bin"}
+    haproxy = subprocess.Popen([binary, "-db", "-f", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def listening() -> bool:
+            assert haproxy.poll() is None, haproxy.stdout.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", front), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, 10, "haproxy")
+        front_door = bu.ProxyHandle(proxies[0].process, front, proxies[0].config_path)
+
+        def one(_: int) -> str:
+            return converse(client(front_door))  # a new client, a new connection: the balancer spreads them
+
+        with ThreadPoolExecutor(8) as pool:
+            served = list(pool.map(one, range(16)))
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+    assert len(served) == 16 and set(served) == set(REGIONS)
+    per_instance = [p.process.output().count("bedrock Converse") for p in proxies]
+    assert sum(per_instance) == 16 and all(n > 0 for n in per_instance), per_instance

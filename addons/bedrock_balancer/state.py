@@ -46,6 +46,7 @@ RECHECK_S = 1.0  # while Redis is unreachable, try it again this often
 PROBE_TTL_S = 30.0  # a probe whose instance died stops blocking the target after this long
 REDIS_TIMEOUT_S = 0.5  # per command: a Redis that does not answer in time counts as unreachable
 KEY_PREFIX = "bb:"
+MAX_VIEWS = 1024
 
 
 def validate_state_url(value: str) -> str | None:
@@ -362,6 +363,8 @@ class RedisState:
         self._next_check = 0.0
         self.round_trips = 0  # every script call that reached Redis (for measurements)
         self.fallbacks = 0  # operations served locally because Redis was unreachable
+        self.redis_seconds = 0.0  # time spent waiting for Redis (all calls)
+        self.acquires = 0  # attempts that acquired a target through Redis
 
     def status(self) -> dict:
         return {
@@ -370,6 +373,9 @@ class RedisState:
             "mode": "shared" if self.degraded_since is None else "local-fallback",
             "round_trips": self.round_trips,
             "fallbacks": self.fallbacks,
+            # What Redis costs each attempt: round trips and milliseconds spent waiting for it.
+            "round_trips_per_attempt": round(self.round_trips / self.acquires, 2) if self.acquires else None,
+            "redis_ms_per_attempt": round(self.redis_seconds * 1000 / self.acquires, 3) if self.acquires else None,
         }
 
     async def close(self) -> None:
@@ -390,8 +396,10 @@ class RedisState:
         if not self._usable():
             self.fallbacks += 1
             return None
+        started = time.perf_counter()
         try:
             reply = await script(args=args)
+            self.redis_seconds += time.perf_counter() - started
         except (redis.exceptions.RedisError, OSError) as e:  # any Redis trouble: never fail the request
             if self.degraded_since is None:
                 self.degraded_since = time.monotonic()
@@ -423,7 +431,7 @@ class RedisState:
                 if reply is None:
                     return await self._local_acquire(request, tokens, affinity_key)
                 view, fresh = _View(reply, candidates, time.monotonic()), True
-                self._views[cache_key] = view
+                self._remember(cache_key, view)
             try:
                 choice = router.choose(request, tokens, affinity_key, cooldowns=view, ledger=view, weights=dict(view.weights))
             except NotYet:
@@ -446,12 +454,18 @@ class RedisState:
             if reply is None:
                 return await self._local_acquire(request, tokens, affinity_key)
             view, fresh = _View(reply, candidates, time.monotonic()), True
-            self._views[cache_key] = view
+            self._remember(cache_key, view)
             if int(reply[0]) == 1:
+                self.acquires += 1
                 choice = candidates[int(reply[3]) - 1]  # the shared round-robin step may have chosen another of the tied
                 keys = [_budget_key(key) for key, _ in budgets_for(choice.target, choice.model_id)]
                 return choice, Lease(choice, entry_id=entry_id, budget_keys=keys, probe=int(reply[1]) == 1, had_circuit=int(reply[2]) == 1, local=False)
         raise NotYet(time.monotonic() + PROBE_RECHECK_S, "the shared state kept changing")
+
+    def _remember(self, key: tuple, view: _View) -> None:
+        if key not in self._views and len(self._views) >= MAX_VIEWS:
+            self._views.clear()  # bounded: one view per set of candidates (targets x models) in use
+        self._views[key] = view
 
     async def _local_acquire(self, request, tokens, affinity_key):
         return await self.local.acquire(request, tokens, affinity_key)
