@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0  # while Redis is unreachable, try it again this often
 PROBE_TTL_S = 30.0  # a probe whose instance died stops blocking the target after this long
-REDIS_TIMEOUT_S = 0.5  # per command: a Redis that does not answer in time counts as unreachable
+REDIS_TIMEOUT_S = 1.0  # per command: a Redis that does not answer in time counts as unreachable
+WAKE_JITTER = 0.1  # requests waiting for room wake up spread over this share of their wait (at most 250 ms)
 KEY_PREFIX = "bb:"
 MAX_VIEWS = 1024
 
@@ -434,9 +435,12 @@ class RedisState:
                 self._remember(cache_key, view)
             try:
                 choice = router.choose(request, tokens, affinity_key, cooldowns=view, ledger=view, weights=dict(view.weights))
-            except NotYet:
+            except NotYet as not_yet:
                 if fresh:
                     self._views.pop(cache_key, None)  # look again next time
+                    # Every instance's waiters would wake at the same instant and race for the same room.
+                    wait = max(0.0, not_yet.retry_at - time.monotonic())
+                    not_yet.retry_at += min(0.25, wait * WAKE_JITTER) * self._rng.random()
                     raise
                 view = None
                 continue
