@@ -139,7 +139,10 @@ def test_a_cooldown_learnt_by_one_instance_is_honoured_by_the_others(upstream, i
         assert [converse(c) for _ in range(3)] == ["us-west-2"] * 3
 
     assert [r["region"] for r in records(upstream)].count("us-east-1") == 1
-    assert admin_status(proxies[2])["state"]["mode"] == "shared"
+    page = admin_status(proxies[2])  # an instance that never saw the 429 shows the shared cooldown
+    assert page["state"]["mode"] == "shared"
+    assert [t["cooling_down"] for t in page["targets"]] == [True, False]
+    assert [c["reason"] for c in page["cooldowns"]] == ["429 ThrottlingException"]
 
 
 def test_redis_stopped_and_restarted_mid_run(upstream, instances, redis_server):

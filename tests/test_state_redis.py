@@ -250,3 +250,26 @@ def test_round_robin_positions_are_shared(redis_server):
     assert together == ["us-east-1", "us-west-2", "us-east-1"] * 10
     client = redis.Redis(port=redis_server.port)
     assert sum(int(v) for v in client.hvals("bb:rr")) == 0  # every step kept the weights balanced
+
+
+def test_shared_status_shows_every_instances_budgets_and_cooldowns(redis_server):
+    from bedrock_balancer import admin
+
+    targets = [{"region": "us-east-1", "rpm": 10, "model_quotas": {"anthropic.*": {"tpm": 5000}}}, {"region": "us-west-2", "priority": 1}]
+    a, b = instance(redis_server.url, targets, strategy="priority"), instance(redis_server.url, targets, strategy="priority")
+
+    async def body():
+        _, lease = await a.acquire(converse(), 100, None)
+        await a.settle(lease, 40)
+        _, lease = await a.acquire(converse(), 100, None)
+        await a.failed(lease, "429 ThrottlingException", retry_after_s=30)
+        return await b.shared_status()
+
+    shared = run(_closing([a, b], body))
+    page = admin.status(b.router, shared=shared)
+    east = next(t for t in page["targets"] if t["region"] == "us-east-1")
+    assert [(u["budget"], u["requests"], u["tokens"]) for u in east["budgets"]] == [("*", 2, 40), ("anthropic.*", 2, 40)]
+    assert east["cooling_down"] is True
+    (cooldown,) = page["cooldowns"]
+    assert cooldown["target"] == east["name"] and cooldown["model"] == MODEL and cooldown["reason"] == "429 ThrottlingException"
+    assert 29 < cooldown["seconds_left"] <= 30

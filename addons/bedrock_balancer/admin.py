@@ -116,20 +116,22 @@ class _TargetState:
         yield from (cooling, headroom, outstanding)
 
 
-def _budget_usage(router: Router, target) -> list[dict]:
+def _budget_usage(router: Router, target, shared_usage: dict | None = None) -> list[dict]:
     keys = [(("*", None), target.rpm, target.tpm)] if (target.rpm or target.tpm) else []
     keys += [((pattern, None), budget.rpm, budget.tpm) for pattern, budget in target.model_quotas]
     usage = []
     for (name, _), rpm, tpm in keys:
-        requests, tokens = router.ledger.usage((target.name, name))
+        key = (target.name, name)
+        requests, tokens = shared_usage.get(key, (0, 0)) if shared_usage is not None else router.ledger.usage(key)
         usage.append({"budget": name, "rpm": rpm, "tpm": tpm, "requests": requests, "tokens": tokens})
     return usage
 
 
-def status(router: Router, metrics: Metrics | None = None) -> dict:
-    """The live state, for ``/status`` and the ``bedrock.status`` command."""
+def status(router: Router, metrics: Metrics | None = None, shared: dict | None = None) -> dict:
+    """The live state, for ``/status`` and the ``bedrock.status`` command. ``shared``: the shared state's
+    budgets and circuits (:meth:`.state.RedisState.shared_status`), shown instead of this process's own."""
     now_wall = time.time()
-    cooldowns = router.cooldowns.snapshot()
+    cooldowns = shared["cooldowns"] if shared is not None else router.cooldowns.snapshot()
     for entry in cooldowns:
         entry["until"] = round(now_wall + entry["seconds_left"], 3)
     targets = []
@@ -145,7 +147,7 @@ def status(router: Router, metrics: Metrics | None = None) -> dict:
                 "outstanding": router.outstanding.get(target.name, 0),
                 "latency_ewma_ms": round(router.latency_ms[target.name], 1) if target.name in router.latency_ms else None,
                 "cooling_down": bool(cooling),
-                "budgets": _budget_usage(router, target),
+                "budgets": _budget_usage(router, target, shared["usage"] if shared is not None else None),
             }
         )
     return {
@@ -182,7 +184,9 @@ class AdminServer:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(status(self.router, self.metrics), indent=2), content_type="application/json")
+        backend = self.router.shared_state
+        shared = await backend.shared_status() if hasattr(backend, "shared_status") else None
+        return web.Response(text=json.dumps(status(self.router, self.metrics, shared), indent=2), content_type="application/json")
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:

@@ -301,11 +301,44 @@ cooldown = math.floor(cooldown)
 local now = now_ms()
 redis.call('HSET', ck, 'u', now + cooldown, 'p', 0, 'r', ARGV[3])
 redis.call('PEXPIRE', ck, cooldown + maxms * 10)
+redis.call('SADD', prefix .. 'circuits', ARGV[2])  -- for status pages
+redis.call('PEXPIRE', prefix .. 'circuits', math.max(redis.call('PTTL', prefix .. 'circuits'), cooldown + maxms * 10))
 local n = tonumber(ARGV[9])
 local keys = {}
 for k = 1, n do keys[k] = ARGV[9 + k] end
 if ARGV[8] ~= '' then settle(prefix, ARGV[8], 0, keys) end
 return cooldown
+"""
+
+
+# ARGV: prefix, window_ms, nkeys, budget keys...  Read-only. Returns per budget: requests, tokens; then
+# per known circuit: key suffix, failures, ms left, probing, reason.
+_SNAPSHOT = _COMMON + """
+local prefix, window, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
+local out = {}
+for b = 1, n do
+  local z, h = prefix .. 'q:' .. ARGV[3 + b], prefix .. 'qt:' .. ARGV[3 + b]
+  local ids = redis.call('ZRANGEBYSCORE', z, '(' .. (now - window), '+inf')
+  local sum = 0
+  for _, id in ipairs(ids) do sum = sum + tonumber(redis.call('HGET', h, id) or '0') end
+  table.insert(out, #ids)
+  table.insert(out, sum)
+end
+for _, suffix in ipairs(redis.call('SMEMBERS', prefix .. 'circuits')) do
+  local ck = prefix .. 'c:' .. suffix
+  local f = tonumber(redis.call('HGET', ck, 'f') or '0')
+  if f > 0 then
+    local u = tonumber(redis.call('HGET', ck, 'u') or '0')
+    local p = tonumber(redis.call('HGET', ck, 'p') or '0')
+    table.insert(out, suffix)
+    table.insert(out, f)
+    table.insert(out, math.max(0, u - now))
+    table.insert(out, p > now and 1 or 0)
+    table.insert(out, redis.call('HGET', ck, 'r') or '')
+  end
+end
+return out
 """
 
 
@@ -359,6 +392,7 @@ class RedisState:
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._settle = self._redis.register_script(_SETTLE)
         self._failed = self._redis.register_script(_FAILED)
+        self._snapshot = self._redis.register_script(_SNAPSHOT)
         self._views: dict[tuple, _View] = {}
         self.degraded_since: float | None = None
         self._next_check = 0.0
@@ -515,6 +549,30 @@ class RedisState:
             return
         lease.settled = True
         await self._call(self._settle, [self.prefix, lease.entry_id, tokens, len(lease.budget_keys), *lease.budget_keys, "", "", ""])
+
+    async def shared_status(self) -> dict | None:
+        """The shared budgets and circuits, for ``/status``: {"usage": {(target, budget): (requests, tokens)},
+        "cooldowns": [...]}; None when Redis is unreachable (status pages then show the local view)."""
+        keys = []
+        for target in self.router.config.targets:
+            if target.rpm or target.tpm:
+                keys.append((target.name, "*"))
+            keys += [(target.name, pattern) for pattern, _ in target.model_quotas]
+        reply = await self._call(self._snapshot, [self.prefix, int(self.router.config.quota_window_s * 1000), len(keys), *map(_budget_key, keys)])
+        if reply is None:
+            return None
+        usage = {key: (int(reply[2 * i]), int(reply[2 * i + 1])) for i, key in enumerate(keys)}
+        cooldowns = []
+        rest = reply[2 * len(keys):]
+        for i in range(0, len(rest), 5):
+            target, _, model = _str(rest[i]).partition("\0")
+            failures, left_ms, probing, reason = int(rest[i + 1]), int(rest[i + 2]), int(rest[i + 3]), _str(rest[i + 4])
+            cooldowns.append({
+                "target": target, "model": None if model == "*" else model,
+                "state": "open" if left_ms > 0 else "half-open", "failures": failures,
+                "seconds_left": round(left_ms / 1000, 3), "reason": reason, "probing": bool(probing),
+            })
+        return {"usage": usage, "cooldowns": cooldowns}
 
     async def client_admit(self, name: str, rpm: int | None, tpm: int | None, tokens: int) -> tuple[bool, Lease | None, float] | None:
         """Reserve one request and ``tokens`` in a client's shared budget, atomically: (admitted, lease,
