@@ -418,6 +418,9 @@ class ClientLimits:
             return
         import asyncio  # a shared lease: settled in the background (the hooks that settle are synchronous)
 
-        task = asyncio.get_running_loop().create_task(self.state.settle(reservation, tokens))
+        try:
+            task = asyncio.get_running_loop().create_task(self.state.settle(reservation, tokens))
+        except RuntimeError:  # no running loop (shutting down): the reservation keeps its estimate until it expires
+            return
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
