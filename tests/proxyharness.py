@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,16 @@ class RunningProxy:
     def access_records(self) -> list[dict]:
         self.balancer.access_log.flush()
         return [json.loads(line) for line in self.access_log.read_text().splitlines()]
+
+    def wait_for_records(self, count: int, timeout: float = 10.0) -> list[dict]:
+        """The access records once there are ``count``: a streamed flow is logged when mitmproxy has
+        finished it, which can be just after the client saw its last byte. Polls a condition with a
+        deadline; never sleeps for a fixed time."""
+        deadline = time.monotonic() + timeout
+        records = self.access_records()
+        while len(records) < count and time.monotonic() < deadline:
+            records = self.access_records()
+        return records
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.master.shutdown)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from collections import Counter
 
 import pytest
@@ -53,7 +52,7 @@ def test_timeout_fails_over(emu, proxy_factory, client_via_proxy):
     regions = [served_region(client.converse(modelId=CLAUDE, messages=MESSAGES)) for _ in range(2)]
 
     assert regions == ["us-west-2", "us-west-2"]
-    assert proxy.access_records()[0]["attempts"][0]["error"] == "timed out"
+    assert proxy.wait_for_records(1)[0]["attempts"][0]["error"] == "timed out"
 
 
 def test_stalled_stream_is_abandoned_and_the_healthy_one_still_streams(emu, proxy_factory, client_via_proxy):
@@ -73,7 +72,7 @@ def test_stalled_stream_is_abandoned_and_the_healthy_one_still_streams(emu, prox
     assert "messageStart" in first_events[0] and "contentBlockDelta" in first_events[1]
     assert "metadata" in rest[-1]
     assert attempts_header(response) == [("us-east-1", "0"), ("us-west-2", "200")]
-    assert proxy.access_records()[0]["attempts"][0]["error"] == "stalled before its first event"
+    assert proxy.wait_for_records(1)[0]["attempts"][0]["error"] == "stalled before its first event"
 
 
 @pytest.mark.parametrize("operation", ["converse_stream", "invoke_model_with_response_stream"])
@@ -92,7 +91,7 @@ def test_exception_as_first_frame_fails_over_like_a_429(emu, proxy_factory, clie
         assert b"message_stop" in chunks[-1]
 
     assert served_region(response) == "us-west-2"
-    assert [(a["region"], a["error"]) for a in proxy.access_records()[0]["attempts"][:1]] == [("us-east-1", "stream throttlingException")]
+    assert [(a["region"], a["error"]) for a in proxy.wait_for_records(1)[0]["attempts"][:1]] == [("us-east-1", "stream throttlingException")]
 
 
 def test_failed_over_stream_delivers_events_while_the_healthy_target_produces_them(emu, proxy_factory, client_via_proxy):
@@ -126,7 +125,7 @@ def test_a_stream_cut_after_content_ends_with_an_error_never_a_clean_end(emu, pr
     assert raised.value.response["Error"]["Code"] == "serviceUnavailableException"
     assert "incomplete" in str(raised.value)
     assert any("contentBlockDelta" in e for e in received)  # content had reached the client: no retry
-    record = proxy.access_records()[0]
+    record = proxy.wait_for_records(1)[0]
     assert record["stream"] == "truncated" and len(record["attempts"]) == 1 and "broke" in record["error"]
 
 
@@ -152,7 +151,7 @@ def test_when_nothing_recovers_before_the_deadline_the_client_gets_a_throttling_
     with pytest.raises(client.exceptions.ThrottlingException):
         client.converse(modelId=CLAUDE, messages=MESSAGES)
 
-    record = proxy.access_records()[0]
+    record = proxy.wait_for_records(1)[0]
     assert record["status"] == 429
     assert len(record["attempts"]) > 2  # it waited for cooldowns and tried again before giving up
 
@@ -246,10 +245,7 @@ def test_a_client_that_leaves_mid_stream_is_logged_and_cools_nothing_down(emu, p
     response["stream"]._raw_stream.close()  # the app goes away mid-answer
     held.release()
 
-    deadline = time.monotonic() + 10
-    record = None
-    while record is None and time.monotonic() < deadline:  # a condition polled with a deadline, not a sleep
-        record = next(iter(proxy.access_records()), None)
+    (record,) = proxy.wait_for_records(1)
 
     assert record["stream"] == "client-gone" and record["region"] == "us-east-1"
     assert "client disconnected" in record["error"].lower()
