@@ -611,12 +611,7 @@ class BedrockBalancer:
 
     def _annotate(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Comment and marker for mitmweb, from what is known so far (``_finish`` completes them)."""
-        record = access_record(flow, exchange, flow.response.status_code if flow.response else None, 0.0, exchange.error)
-        flow.comment = _comment(record)
-        if exchange.error or (record["status"] or 0) >= 400:
-            flow.marked = FAILURE_MARKER
-        elif len(record["attempts"]) > 1:
-            flow.marked = FAILOVER_MARKER
+        _show_in_mitmweb(flow, access_record(flow, exchange, flow.response.status_code if flow.response else None, 0.0, exchange.error))
 
     def _finish(self, flow: http.HTTPFlow, exchange: Exchange | None, started: float, error: str | None) -> None:
         self._forget(flow)
@@ -628,11 +623,7 @@ class BedrockBalancer:
         record = access_record(flow, exchange, status, latency_ms, error)
         if self.metrics is not None and self.admin is not None:  # nobody scrapes metrics without the admin listener
             self.metrics.observe(record)
-        flow.comment = _comment(record)
-        if error or (status or 0) >= 400:
-            flow.marked = FAILURE_MARKER
-        elif len(record["attempts"]) > 1:
-            flow.marked = FAILOVER_MARKER
+        _show_in_mitmweb(flow, record)
         log.info(_log_line(record))
         if self.access_log is not None:
             self.access_log.write(record)
@@ -643,13 +634,8 @@ class BedrockBalancer:
         if held is None or self.client_limits is None:
             return
         reservation, reserved = held
-        if exchange is None or not exchange.attempts:
-            tokens = 0  # it never went upstream
-        elif exchange.usage.input_tokens is None and exchange.usage.output_tokens is None:
-            tokens = reserved  # unknown: keep the reservation, the safe side
-        else:
-            tokens = (exchange.usage.input_tokens or 0) + (exchange.usage.output_tokens or 0)
-        self.client_limits.settle(reservation, tokens)
+        never_sent = exchange is None or not exchange.attempts
+        self.client_limits.settle(reservation, 0 if never_sent else exchange.usage.total(unknown=reserved))
 
 
 def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | None, latency_ms: float, error: str | None) -> dict:
@@ -715,6 +701,15 @@ async def _resolves_to_this_machine(host: str, port: int) -> bool:
     except (OSError, UnicodeError):
         return False  # mitmproxy's own connection attempt fails the same way
     return any(clientauth.is_local_address(str(info[4][0])) for info in infos)
+
+
+def _show_in_mitmweb(flow: http.HTTPFlow, record: dict) -> None:
+    """The flow's comment (where it went) and marker (failed, or failed over)."""
+    flow.comment = _comment(record)
+    if record.get("error") or (record["status"] or 0) >= 400:
+        flow.marked = FAILURE_MARKER
+    elif len(record["attempts"]) > 1:
+        flow.marked = FAILOVER_MARKER
 
 
 def _comment(record: dict) -> str:

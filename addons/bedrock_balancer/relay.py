@@ -326,14 +326,14 @@ class Relay:
                 await self._succeeded(exchange, lease, attempt, started)
                 exchange.first_event_ms = _ms_since(exchange.started)
                 response = await self._stream(exchange, upstream, stream_to, head, meter)
-                await self.state.settle(lease, _tokens_used(exchange.usage, exchange.tokens))
+                await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens))
                 settled = True
                 return response
             body = await upstream.read()
             verdict = True
             await self._succeeded(exchange, lease, attempt, started)
             exchange.usage = usage.from_response(upstream.headers.get, body)
-            await self.state.settle(lease, _tokens_used(exchange.usage, exchange.tokens))
+            await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens))
             settled = True
             return Answer(upstream.status, self._response_headers(exchange, upstream), body)
         except CredentialsUnavailable as e:
@@ -373,7 +373,6 @@ class Relay:
     async def _succeeded(self, exchange: Exchange, lease: Lease, attempt: Attempt, started: float) -> None:
         choice = lease.choice
         attempt.ms = _ms_since(started)
-        exchange.choice = choice
         exchange.status = attempt.status
         await self.state.succeeded(lease)
         self.router.observe_latency(choice.target, attempt.ms)
@@ -472,12 +471,6 @@ async def _write_whole_frames(response: web.StreamResponse, pending: bytearray, 
             raise _ClientGone() from e
         del pending[:complete]
     return pending
-
-
-def _tokens_used(used: usage.Usage, reserved: int) -> int:
-    if used.input_tokens is None and used.output_tokens is None:
-        return reserved  # unknown: keep the reservation, the safe side
-    return (used.input_tokens or 0) + (used.output_tokens or 0)
 
 
 def _ms_since(started: float) -> float:

@@ -25,6 +25,12 @@ class Usage:
     input_tokens: int | None = None
     output_tokens: int | None = None
 
+    def total(self, unknown: int) -> int:
+        """Input plus output tokens; ``unknown`` when the answer said neither (keep a reservation: the safe side)."""
+        if self.input_tokens is None and self.output_tokens is None:
+            return unknown
+        return (self.input_tokens or 0) + (self.output_tokens or 0)
+
 
 def _int(value) -> int | None:
     try:
