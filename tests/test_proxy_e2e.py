@@ -239,7 +239,8 @@ def test_unreachable_target_is_a_service_unavailable_exception(emu, proxy_factor
         client.converse(modelId=CLAUDE, messages=MESSAGES)
     record = proxy.access_records()[-1]
     assert record["status"] == 503
-    assert [a["error"].split(":")[0] for a in record["attempts"]] == ["ClientConnectorError"] * 2
+    assert [a["error"].split(":")[0] for a in record["attempts"]] == ["UpstreamConnectError"] * 2
+    assert "cannot connect to localhost" in record["attempts"][0]["error"]
 
 
 def test_client_errors_from_upstream_reach_the_client_unchanged(emu, proxy_factory, client_via_proxy):

@@ -22,7 +22,8 @@ import ssl
 import time
 
 from mitmproxy import command, ctx, exceptions, http
-from mitmproxy.net.http import url
+from mitmproxy import log as mitmproxy_log
+from mitmproxy.net.http import status_codes, url
 from mitmproxy.proxy import mode_specs
 
 from . import accesslog, admin, affinity, classify, clientauth, config as config_module, contentview, quota
@@ -33,6 +34,7 @@ from . import state as state_module
 from .routing import Router
 
 log = logging.getLogger("bedrock_balancer")
+request_log = logging.getLogger("bedrock_balancer.requests")  # the line per request
 
 METADATA_KEY = "bedrock_balancer"
 CLIENT_NAME_KEY = METADATA_KEY + ".client_name"
@@ -284,6 +286,7 @@ class BedrockBalancer:
 
     async def running(self) -> None:
         self._running = True
+        _spare_legacy_log_hook()
         self._configure_body_limit()  # configure() sees only the options that were set; this one has a default
         if self.config is None:
             log.warning("bedrock-balancer: no targets configured; set bedrock_config or bedrock_regions")
@@ -447,12 +450,13 @@ class BedrockBalancer:
         if not bedrock:
             return
         self._started[flow.id] = started = time.monotonic()
-        summary = contentview.sigv4_summary(flow.request.headers.get("authorization"), flow.request.headers.get("x-amz-date"))
+        request = RequestView(flow.request)
+        summary = contentview.sigv4_summary(request.header("authorization"), request.header("x-amz-date"))
         if summary is not None:  # what the client signed (no signature), for the SigV4 view
             flow.metadata[contentview.CLIENT_SIGV4_KEY] = summary
         try:
-            self._check_request(flow)
-            exchange = self._exchange_for(flow)
+            self._check_request(flow, request)
+            exchange = self._exchange_for(flow, request)
             await self._admit_client(flow, exchange)
         except BedrockError as e:
             _redact_client_credentials(flow.request)
@@ -461,34 +465,28 @@ class BedrockBalancer:
             self._finish(flow, None, started, error=f"{e.error_type}: {e.message.partition(chr(10))[0]}")
             return
         self._exchanges[flow.id] = exchange
-        _redact_client_credentials(flow.request)  # the exchange holds what it needs; the flow is for showing
         if not exchange.request.streaming:
             # mitmproxy sends a non-streamed answer whole anyway: the relay's client fetches it (with
             # failover) and the flow gets it here, with no loopback hop and no upstream connection of
             # mitmproxy's own.
+            _redact_client_credentials(flow.request)  # the exchange holds what it needs; the flow is for showing
             answer = await self.relay.run(exchange)
-            flow.response = http.Response.make(answer.status, answer.body, _headers(answer.headers))
+            flow.response = _response(answer.status, answer.headers, answer.body)
             self._show_upstream_request(flow, exchange)
             self._annotate(flow, exchange)  # now, so that flows saved by -w (before our response hook) carry it
             return
         token = self.relay.register(exchange)
         flow.request.scheme, flow.request.host, flow.request.port = "http", *self.relay.address
-        # Only the client's forwardable headers (and Host) travel even the loopback hop.
+        # Only the client's forwardable headers (and Host) travel even the loopback hop: not its credentials.
         keep = {n.lower() for n, _ in exchange.headers} | {"host", "content-length", "transfer-encoding"}
-        for name in list(flow.request.headers):
-            if name.lower() not in keep:
-                del flow.request.headers[name]
-        flow.request.headers[EXCHANGE_HEADER] = token
+        flow.request.headers = _headers([(n, v) for n, v in request.headers if n.lower() in keep] + [(EXCHANGE_HEADER, token)])
         self._tokens[flow.id] = token
 
-    def _check_request(self, flow: http.HTTPFlow) -> None:
+    def _check_request(self, flow: http.HTTPFlow, request: RequestView) -> None:
         """Hygiene, size and client authentication, on the request exactly as the client sent it."""
-        request = flow.request
-        raw_path, _, raw_query = request.path.partition("?")
-        headers = list(request.headers.items(multi=True))
-        clientauth.check_request(raw_path, raw_query, headers)
+        clientauth.check_request(request.raw_path, request.raw_query, request.headers)
         self._check_host(flow)
-        body = request.raw_content or b""
+        body = request.body
         if len(body) > ctx.options.bedrock_max_body:
             raise BedrockError(
                 "RequestEntityTooLargeException",
@@ -497,9 +495,10 @@ class BedrockBalancer:
             )
         if self.authenticator is None:
             return
-        if not any(name.lower() == "host" for name, _ in headers) and request.host_header:
-            headers.insert(0, ("host", request.host_header))  # HTTP/2: the signed host is the :authority
-        identity = self.authenticator.authenticate(request.method, raw_path, raw_query, headers, body)
+        headers = request.headers
+        if request.header("host") is None and flow.request.host_header:
+            headers = [("host", flow.request.host_header), *headers]  # HTTP/2: the signed host is the :authority
+        identity = self.authenticator.authenticate(request.method, request.raw_path, request.raw_query, headers, body)
         flow.metadata[CLIENT_NAME_KEY] = identity.name
 
     def _check_host(self, flow: http.HTTPFlow) -> None:
@@ -531,30 +530,24 @@ class BedrockBalancer:
         if reservation is not None:
             self._client_reservations[flow.id] = (reservation, tokens)
 
-    def _exchange_for(self, flow: http.HTTPFlow) -> Exchange:
-        request = flow.request
+    def _exchange_for(self, flow: http.HTTPFlow, request: RequestView) -> Exchange:
         reverse = isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
-        raw_path, _, raw_query = request.path.partition("?")
-        body = classify.RequestBody(request.raw_content or b"")  # parsed once, by whichever check needs it first
-        classify_args = (
-            request.method,
-            raw_path,
-            "" if reverse else request.host,
-            request.headers.get("authorization"),
-            request.headers.get(classify.GUARDRAIL_HEADER),
-        )
-        fallback_region = classify.host_region(request.host) if reverse else None
+        host = flow.request.host
+        body = classify.RequestBody(request.body)  # parsed once, by whichever check needs it first
         # The operation first (without looking into the body), then whether the body is what that
-        # operation needs, and only then the classification that reads the body.
-        operation = classify.classify(*classify_args, fallback_region=fallback_region).operation
-        clientauth.check_body(operation, list(request.headers.items(multi=True)), body)
-        bedrock_request = classify.classify(*classify_args, fallback_region=fallback_region, body=body)
+        # operation needs, and only then what the body adds to the classification.
+        bedrock_request = classify.classify(
+            request.method, request.raw_path, "" if reverse else host, request.header("authorization"),
+            request.header(classify.GUARDRAIL_HEADER), fallback_region=classify.host_region(host) if reverse else None,
+        )
+        clientauth.check_body(bedrock_request.operation, request.headers, body)
+        bedrock_request = classify.with_body(bedrock_request, body)
         return Exchange(
             request=bedrock_request,
             method=request.method,
-            raw_path=raw_path,
-            raw_query=raw_query,
-            headers=forwardable_headers(list(request.headers.items(multi=True))),
+            raw_path=request.raw_path,
+            raw_query=request.raw_query,
+            headers=forwardable_headers(request.headers),
             body=body.raw,
             tokens=quota.estimate_tokens(body) if self.config.has_budgets and bedrock_request.model_id else 0,
             affinity_key=(
@@ -566,7 +559,7 @@ class BedrockBalancer:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange = self._exchanges.get(flow.id)
-        if exchange is None:
+        if exchange is None or not exchange.request.streaming:  # a whole answer was shown in the request hook
             return
         if flow.response.headers.get("content-type", "").startswith(EVENT_STREAM):
             limit = ctx.options.bedrock_stream_copy
@@ -624,7 +617,7 @@ class BedrockBalancer:
         if self.metrics is not None and self.admin is not None:  # nobody scrapes metrics without the admin listener
             self.metrics.observe(record)
         _show_in_mitmweb(flow, record)
-        log.info(_log_line(record))
+        request_log.info(_log_line(record))
         if self.access_log is not None:
             self.access_log.write(record)
 
@@ -667,6 +660,22 @@ def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | 
     return record
 
 
+def _spare_legacy_log_hook() -> None:
+    """Keep the line per request out of mitmproxy's deprecated ``add_log`` hook.
+
+    mitmproxy turns every log record into an ``add_log`` event, called on each of its ~40 addons after a
+    wake-up of the event loop; for the line per request that cost more CPU than all of the proxy's own work
+    on the request (about 160 µs; scripts/bench). The line still reaches the terminal, mitmweb's event log
+    and every other logging handler; only addons on the hook deprecated since mitmproxy 9 miss it."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, mitmproxy_log.LegacyLogEvents) and _not_a_request_line not in handler.filters:
+            handler.addFilter(_not_a_request_line)
+
+
+def _not_a_request_line(record: logging.LogRecord) -> bool:
+    return record.name != request_log.name
+
+
 def _client_address(flow: http.HTTPFlow) -> str | None:
     peer = flow.client_conn.peername
     return f"{peer[0]}:{peer[1]}" if peer else None
@@ -681,10 +690,7 @@ def _safe(text: str) -> str:
 
 def _redact_client_credentials(request: http.Request) -> None:
     """The client's signature, session token or API key never stay in a flow that mitmweb shows or a dump saves."""
-    for name in ("authorization", "x-amz-security-token"):
-        values = request.headers.get_all(name)
-        if values:
-            request.headers.set_all(name, [value for _, value in redacted([(name, v) for v in values])])
+    request.headers = _headers(redacted(list(request.headers.items(multi=True))))
 
 
 def _names_this_machine(host: str) -> bool:
@@ -745,6 +751,34 @@ def _upstream_path_with_query(exchange: Exchange) -> str:
 
 def _headers(pairs: list[tuple[str, str]]) -> http.Headers:
     return http.Headers([(name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in pairs])
+
+
+def _response(status: int, headers: list[tuple[str, str]], body: bytes) -> http.Response:
+    """A whole answer for mitmproxy to send, its body as it came (``Response.make`` would content-encode it again)."""
+    headers = [*headers, ("content-length", str(len(body)))]
+    now = time.time()
+    return http.Response(b"HTTP/1.1", status, status_codes.RESPONSES.get(status, "").encode(), _headers(headers), body, None, now, now)
+
+
+class RequestView:
+    """The parts of a client's request the checks, the classification and the signing read, decoded once:
+    mitmproxy's header lookups decode and scan every field each time."""
+
+    __slots__ = ("method", "raw_path", "raw_query", "headers", "body", "_folded")
+
+    def __init__(self, request: http.Request):
+        self.method = request.method
+        self.raw_path, _, self.raw_query = request.path.partition("?")
+        self.headers = list(request.headers.items(multi=True))
+        self.body = request.raw_content or b""
+        self._folded: dict[str, str] = {}
+        for name, value in self.headers:
+            name = name.lower()
+            self._folded[name] = f"{self._folded[name]}, {value}" if name in self._folded else value
+
+    def header(self, name: str) -> str | None:
+        """A header's value (``name`` in lower case), repeated ones folded, as mitmproxy's ``headers.get`` gives it."""
+        return self._folded.get(name)
 
 
 def _error_response(error: BedrockError) -> http.Response:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import unquote
 
 from . import sigv4
@@ -72,6 +72,7 @@ REGION_BOUND_RESOURCES = frozenset(
 _MODEL_ID_CHARS = re.compile(r"^[A-Za-z0-9._:/+-]{1,2048}$")
 
 GUARDRAIL_HEADER = "x-amzn-bedrock-guardrailidentifier"
+GUARDRAIL_REASON = "the request names a guardrail, and guardrails are per region"
 _UNPARSED = object()
 
 
@@ -172,7 +173,7 @@ def classify(
     path = raw_path.split("?", 1)[0]
     client_region = host_region(host) or scope_region(authorization) or fallback_region
     if match := _MODEL_PATH.match(path):
-        return _classify_model_request(method, match, client_region, guardrail_header or _body_guardrail(body))
+        return with_body(_classify_model_request(method, match, client_region, guardrail_header), body)
     if _GUARDRAIL_PATH.match(path) and method == "POST":
         return BedrockRequest(APPLY_GUARDRAIL, None, None, client_region, "guardrails are per region")
     if match := _ASYNC_INVOKE_PATH.match(path):
@@ -200,8 +201,18 @@ def _classify_model_request(method, match, client_region, guardrail_header) -> B
     if arn is not None and arn.region_bound:
         reason = f"{arn.resource_type} ARNs name the region the resource lives in"
     elif guardrail_header:
-        reason = "the request names a guardrail, and guardrails are per region"
+        reason = GUARDRAIL_REASON
     return BedrockRequest(operation, model_id, raw_model_id, client_region, reason)
+
+
+def with_body(request: BedrockRequest, body: bytes | RequestBody) -> BedrockRequest:
+    """The classification completed by what the body says (Converse names its guardrail there).
+
+    Separate from :func:`classify` so that the operation can be known, and the body checked against it,
+    before anything parses the body."""
+    if request.model_id is None or not request.balanceable or not _body_guardrail(body):
+        return request
+    return replace(request, region_bound_reason=GUARDRAIL_REASON)
 
 
 def _body_guardrail(body: bytes | RequestBody) -> str | None:

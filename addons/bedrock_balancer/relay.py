@@ -42,6 +42,7 @@ from .errors import BedrockError, error_type_of
 from .health import parse_retry_after
 from .routing import Choice, NotYet, Router
 from .state import Lease, MemoryState
+from .upstream import UpstreamError, UpstreamPool, WholeAnswer
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ class Relay:
         self.ssl_context = ssl_context
         self._exchanges: dict[str, Exchange] = {}
         self._runner: web.ServerRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # event streams
+        self._whole = UpstreamPool(ssl_context, config.timeouts.connect_s, config.timeouts.read_s)  # whole answers
         self.address: tuple[str, int] | None = None
 
     async def start(self, host: str = "127.0.0.1") -> None:
@@ -215,6 +217,7 @@ class Relay:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        self._whole.close()
 
     def register(self, exchange: Exchange) -> str:
         token = secrets.token_urlsafe(18)
@@ -301,11 +304,8 @@ class Relay:
             credentials = await self.credentials.get(target)
             path = upstream_path(exchange, choice)
             exchange.sent_headers = signed_headers_for(exchange, choice, path, credentials)
-            url = URL.build(scheme=target.scheme, host=target.host, port=target.port, path=path, query_string=exchange.raw_query, encoded=True)
             async with asyncio.timeout(self.config.retry.stall_timeout_s if exchange.request.streaming else None):
-                upstream = await self._session.request(
-                    exchange.method, url, headers=CIMultiDict(exchange.sent_headers), data=exchange.body or None, allow_redirects=False
-                )
+                upstream = await self._send(exchange, target, path, stream_to)
                 attempt.status = upstream.status
                 if upstream.status in RETRYABLE_STATUSES:
                     body = await upstream.read()
@@ -344,7 +344,7 @@ class Relay:
             if exchange.request.streaming:
                 return await self._unreachable(lease, attempt, started, "stalled before its first event", whole_target=False)
             return await self._unreachable(lease, attempt, started, "timed out")
-        except aiohttp.ClientError as e:
+        except (aiohttp.ClientError, UpstreamError) as e:
             verdict = True
             return await self._unreachable(lease, attempt, started, f"{type(e).__name__}: {e}".rstrip(": "))
         finally:
@@ -355,6 +355,18 @@ class Relay:
                 await self.state.settle(lease, 0)
             if upstream is not None:
                 upstream.release()
+
+    async def _send(self, exchange: Exchange, target: Target, path: str, stream_to: web.BaseRequest | None) -> aiohttp.ClientResponse | WholeAnswer:
+        """Send the signed request: a whole answer through the lean pool, an event stream through aiohttp."""
+        if stream_to is None:
+            target_path = f"{path}?{exchange.raw_query}" if exchange.raw_query else path
+            return await self._whole.request(
+                target.scheme, target.host, target.port, exchange.method, target_path, exchange.sent_headers, exchange.body
+            )
+        url = URL.build(scheme=target.scheme, host=target.host, port=target.port, path=path, query_string=exchange.raw_query, encoded=True)
+        return await self._session.request(
+            exchange.method, url, headers=CIMultiDict(exchange.sent_headers), data=exchange.body or None, allow_redirects=False
+        )
 
     async def _failed(self, exchange, lease: Lease, attempt, started, upstream, body) -> Failure:
         choice = lease.choice
