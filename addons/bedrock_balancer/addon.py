@@ -57,6 +57,7 @@ class BedrockBalancer:
         self.router: Router | None = None
         self.relay: Relay | None = None
         self.access_log: accesslog.AccessLog | None = None
+        self.log_lines = accesslog.LogLines(request_log)
         self.authenticator: clientauth.Authenticator | None = None
         self.client_limits: clientauth.ClientLimits | None = None
         self.state = None  # state_module.MemoryState or RedisState, with the router
@@ -347,6 +348,7 @@ class BedrockBalancer:
             await self.state.close()
         if self.access_log is not None:
             self.access_log.close()
+        self.log_lines.flush()
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -402,7 +404,7 @@ class BedrockBalancer:
         """Why a request (or CONNECT) must not go on, whoever it is for: the proxy's own listeners are never a
         destination, and clients on other hosts may reach Bedrock only."""
         host, port = flow.request.host, flow.request.port
-        if port in self._own_ports() and _names_this_machine(host):
+        if _names_this_machine(host) and port in self._own_ports():
             return BedrockError("AccessDeniedException", "bedrock-balancer: the proxy's own listeners (proxy, relay, web UI, admin) cannot be reached through the proxy")
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
         if not bedrock and not clientauth.is_loopback(peer):
@@ -430,6 +432,7 @@ class BedrockBalancer:
             # Never let a bug forward the request as it stands (to the client's original host, or to a
             # half-rewritten one): answer it here instead.
             log.exception("bedrock-balancer: internal error on %s", flow.request.pretty_url)
+            _redact_client_credentials(flow.request)
             if flow.id in self._started:
                 flow.response = _error_response(BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)"))
 
@@ -469,7 +472,6 @@ class BedrockBalancer:
             # mitmproxy sends a non-streamed answer whole anyway: the relay's client fetches it (with
             # failover) and the flow gets it here, with no loopback hop and no upstream connection of
             # mitmproxy's own.
-            _redact_client_credentials(flow.request)  # the exchange holds what it needs; the flow is for showing
             answer = await self.relay.run(exchange)
             flow.response = _response(answer.status, answer.headers, answer.body)
             self._show_upstream_request(flow, exchange)
@@ -570,7 +572,8 @@ class BedrockBalancer:
     def _show_upstream_request(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Make the flow show the request as it went upstream, so mitmweb and saved flows tell the truth."""
         target = exchange.target
-        if target is None:
+        if target is None:  # nothing went upstream: the flow keeps the client's request, its credentials redacted
+            _redact_client_credentials(flow.request)
             return
         request = flow.request
         # Assigned wholesale: mitmproxy's per-field setters and Headers.clear() are slow on a hot path.
@@ -617,7 +620,8 @@ class BedrockBalancer:
         if self.metrics is not None and self.admin is not None:  # nobody scrapes metrics without the admin listener
             self.metrics.observe(record)
         _show_in_mitmweb(flow, record)
-        request_log.info(_log_line(record))
+        if request_log.isEnabledFor(logging.INFO):
+            self.log_lines.write(_log_line(record))
         if self.access_log is not None:
             self.access_log.write(record)
 
