@@ -58,6 +58,11 @@ class RunningProxy:
         return self.master.addons.get("bedrock_balancer")
 
     def access_records(self) -> list[dict]:
+        # The proxy writes a request's record in a callback once the answer is on its way; a callback queued
+        # now runs after it (the event loop runs callbacks in order), and then the writer thread is flushed.
+        recorded = threading.Event()
+        self.loop.call_soon_threadsafe(recorded.set)
+        recorded.wait(10)
         self.balancer.access_log.flush()
         return [json.loads(line) for line in self.access_log.read_text().splitlines()]
 

@@ -1,9 +1,8 @@
-"""What the proxy records per request, written off the event loop: the JSON-lines access log, and the
-line per request on the terminal.
+"""The JSON-lines access log, written off the event loop.
 
-``write`` only puts the record on a queue; a daemon thread serialises and writes it, so a slow disk (or
-a slow reader of the proxy's output) never stalls the proxy. Each access-log line is one complete JSON
-object, flushed as written, so ``tail -f`` and log shippers see whole lines.
+``write`` only puts the record on a queue; a daemon thread serialises and appends it, so a slow disk
+never stalls the proxy. Each line is one complete JSON object, flushed as written, so ``tail -f`` and
+log shippers see whole lines.
 """
 
 from __future__ import annotations
@@ -63,30 +62,3 @@ class AccessLog:
                 except (OSError, TypeError, ValueError) as e:
                     log.error("bedrock-balancer: access log %s: %s", self.path, e)
 
-
-class LogLines:
-    """The line per request, handed to ``logger`` (and so to mitmproxy's terminal and mitmweb's event log) by a
-    thread: the logging handlers format and print it, and the proxy's output may be a pipe that fills up."""
-
-    def __init__(self, logger: logging.Logger):
-        self.logger = logger
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="bedrock-log-lines", daemon=True)
-        self._thread.start()
-
-    def write(self, line: str) -> None:
-        self._queue.put(line)
-
-    def flush(self) -> None:
-        """Block until every line written so far went to the handlers (for shutdown and tests)."""
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            self.logger.info(item)

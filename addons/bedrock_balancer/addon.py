@@ -57,7 +57,6 @@ class BedrockBalancer:
         self.router: Router | None = None
         self.relay: Relay | None = None
         self.access_log: accesslog.AccessLog | None = None
-        self.log_lines = accesslog.LogLines(request_log)
         self.authenticator: clientauth.Authenticator | None = None
         self.client_limits: clientauth.ClientLimits | None = None
         self.state = None  # state_module.MemoryState or RedisState, with the router
@@ -348,7 +347,6 @@ class BedrockBalancer:
             await self.state.close()
         if self.access_log is not None:
             self.access_log.close()
-        self.log_lines.flush()
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -617,11 +615,14 @@ class BedrockBalancer:
         if exchange is not None and exchange.stream_outcome == "truncated":
             error = error or "stream truncated"
         record = access_record(flow, exchange, status, latency_ms, error)
+        _show_in_mitmweb(flow, record)
+        _call_soon(self._record, record)  # once mitmproxy has sent the answer: not on the client's time
+
+    def _record(self, record: dict) -> None:
+        """Count the request and write its log line and access-log record."""
         if self.metrics is not None and self.admin is not None:  # nobody scrapes metrics without the admin listener
             self.metrics.observe(record)
-        _show_in_mitmweb(flow, record)
-        if request_log.isEnabledFor(logging.INFO):
-            self.log_lines.write(_log_line(record))
+        request_log.info(_log_line(record))
         if self.access_log is not None:
             self.access_log.write(record)
 
@@ -662,6 +663,14 @@ def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | 
     if error:
         record["error"] = _safe(error)
     return record
+
+
+def _call_soon(callback, *args) -> None:
+    """Run ``callback`` after the hook in progress, and after what mitmproxy does when the hook returns."""
+    try:
+        asyncio.get_running_loop().call_soon(callback, *args)
+    except RuntimeError:  # no event loop (hooks called directly, in unit tests)
+        callback(*args)
 
 
 def _spare_legacy_log_hook() -> None:
