@@ -304,7 +304,7 @@ class Relay:
             credentials = await self.credentials.get(target)
             path = upstream_path(exchange, choice)
             exchange.sent_headers = signed_headers_for(exchange, choice, path, credentials)
-            async with asyncio.timeout(self.config.retry.stall_timeout_s if exchange.request.streaming else None):
+            async with asyncio.timeout(self.config.retry.stall_timeout_s if stream_to is not None else None):
                 upstream = await self._send(exchange, target, path, stream_to)
                 attempt.status = upstream.status
                 if upstream.status in RETRYABLE_STATUSES:

@@ -111,6 +111,7 @@ def remove_dot_segments(path: str) -> str:
     return first + "/".join(segments) + last
 
 
+@functools.lru_cache(maxsize=1024)  # a proxy signs the same few model paths over and over
 def canonical_uri(raw_path: str) -> str:
     """The wire path, normalised and URI-encoded once more (``%3A`` -> ``%253A``)."""
     return quote(remove_dot_segments(raw_path), safe="/~")
