@@ -177,6 +177,17 @@ async def test_connection_close_in_the_answer_is_honoured():
 
 
 @run_async
+async def test_bytes_after_the_end_of_an_answer_retire_the_connection():
+    client = pool()
+    async with Server([ok(b"1") + b"HTTP/1.1 200 OK\r\ncontent-len", ok(b"2")]) as server:
+        first = await send(client, server.port)
+        second = await send(client, server.port)
+    client.close()
+    assert (first.body, second.body) == (b"1", b"2")
+    assert server.connections == 2
+
+
+@run_async
 async def test_nobody_listening_is_a_connect_error():
     client = pool()
     async with Server([]) as server:
@@ -193,3 +204,22 @@ async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent():
             await client.request("http", "127.0.0.1", server.port, "POST", "/", [("x-a", "1\r\nx-injected: 2")], b"")
     client.close()
     assert server.requests == []
+
+
+@run_async
+async def test_header_bytes_and_a_compressed_body_reach_the_client_as_they_came():
+    """Nothing re-encodes an answer: not a header value's bytes, not a gzip body (mitmproxy's Response.make
+    would compress it a second time)."""
+    import gzip
+
+    from bedrock_balancer.addon import _response
+
+    body = gzip.compress(b'{"ok":true}')
+    client = pool()
+    raw = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\nx-note: caf\xc3\xa9 \xff\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    async with Server([raw]) as server:
+        answer = await send(client, server.port)
+    client.close()
+    response = _response(answer.status, [(n, v) for n, v in answer.headers.items() if n.lower() != "content-length"], answer.body)
+    assert response.raw_content == body
+    assert response.headers.fields == ((b"content-encoding", b"gzip"), (b"x-note", b"caf\xc3\xa9 \xff"), (b"content-length", str(len(body)).encode()))

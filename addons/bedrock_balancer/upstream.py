@@ -67,7 +67,7 @@ class UpstreamPool:
         key = (scheme, host, port)
         connection = self._idle_connection(key) or await self._connect(scheme, host, port)
         answer, reusable = await connection.exchange(message, self.read_timeout_s)
-        if reusable:
+        if reusable and not connection.closed:
             connection.idle_since = time.monotonic()
             self._idle.setdefault(key, []).append(connection)
         else:
@@ -117,6 +117,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._headers_complete = False
+        self._message_begun = False
 
     async def exchange(self, message: bytes, read_timeout_s: float) -> tuple[WholeAnswer, bool]:
         """The answer to ``message``, and whether the connection may carry another exchange."""
@@ -160,7 +161,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:  # nothing asked for: a server that talks out of turn is not to be trusted
+        if self._waiter is None or self._waiter.done():  # bytes nobody asked for: not to be trusted
             self.close()
             return
         self._last_read = asyncio.get_running_loop().time()
@@ -169,6 +170,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._fail(UpstreamError(f"the answer is not valid HTTP/1.1: {e}"))
             self.close()
+            return
+        if self._waiter.done() and self._message_begun:
+            self.close()  # more after the end of the answer: this connection cannot carry another exchange
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -181,8 +185,12 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        self._message_begun = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # Decoded as mitmproxy and aiohttp decode headers, so that every byte goes back out as it came.
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         self._headers_complete = True
@@ -193,7 +201,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self, reusable: bool = True) -> None:
         answer = WholeAnswer(self._parser.get_status_code(), CIMultiDictProxy(CIMultiDict(self._headers)), b"".join(self._body))
         reusable = reusable and self._parser.should_keep_alive()
-        self._headers, self._body, self._headers_complete = [], [], False
+        self._headers, self._body, self._headers_complete, self._message_begun = [], [], False, False
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result((answer, reusable))
 

@@ -1,0 +1,55 @@
+"""The line per request: it reaches mitmproxy's log handlers (the terminal, mitmweb's event log), but not
+mitmproxy's deprecated ``add_log`` hook, which would run every addon once per request (scripts/bench)."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import log as mitmproxy_log
+
+from bedrock_balancer import addon
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class LegacyRecorder(mitmproxy_log.LegacyLogEvents):
+    """A LegacyLogEvents handler that records what it would turn into add_log events."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+        self._initiated_in_test = None
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_request_lines_skip_only_the_deprecated_add_log_hook():
+    root = logging.getLogger()
+    terminal, legacy = Recorder(), LegacyRecorder()
+    root.addHandler(terminal)
+    root.addHandler(legacy)
+    level = addon.request_log.level
+    addon.request_log.setLevel(logging.INFO)
+    try:
+        addon._spare_legacy_log_hook()
+        addon._spare_legacy_log_hook()  # idempotent: one filter, however often the proxy starts
+        addon.request_log.info("bedrock Converse m us-east-1 -> us-west-2 status=200 12ms")
+        addon.log.warning("bedrock-balancer: something the operator must see")
+    finally:
+        root.removeHandler(terminal)
+        root.removeHandler(legacy)
+        addon.request_log.setLevel(level)
+    assert [r.getMessage() for r in terminal.records] == [
+        "bedrock Converse m us-east-1 -> us-west-2 status=200 12ms",
+        "bedrock-balancer: something the operator must see",
+    ]
+    assert [r.getMessage() for r in legacy.records] == ["bedrock-balancer: something the operator must see"]
+    assert legacy.filters.count(addon._not_a_request_line) == 1
