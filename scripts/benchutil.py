@@ -41,6 +41,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 MODEL_ID = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
+
+
+def use_project_venv() -> None:
+    """Re-run the calling script with the project's ``.venv`` (which ``scripts/test`` and ``scripts/proxy``
+    set up) when it was started with another Python, so that ``./scripts/bench`` works as written."""
+    venv_python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.prefix).resolve() != venv_python.parent.parent.resolve():
+        os.execv(str(venv_python), [str(venv_python), *sys.argv])
 THROTTLE_CODES = frozenset({"throttlingexception", "toomanyrequestsexception", "servicequotaexceededexception"})
 
 
