@@ -76,6 +76,15 @@ async def send(client: UpstreamPool, port: int, body: bytes = b"{}"):
     return await client.request("http", "127.0.0.1", port, "POST", "/model/m/converse?x=1", HEADERS, body)
 
 
+async def bodies_and_connections(answers: list[bytes], requests: int) -> tuple[list[bytes], int]:
+    """Send ``requests`` requests one after another through one pool: the bodies, and the connections it took."""
+    client = pool()
+    async with Server(answers) as server:
+        bodies = [(await send(client, server.port)).body for _ in range(requests)]
+    client.close()
+    return bodies, server.connections
+
+
 @run_async
 async def test_requests_share_one_kept_alive_connection():
     client = pool()
@@ -103,14 +112,8 @@ async def test_status_headers_and_body_come_back_as_sent():
 
 @run_async
 async def test_a_chunked_answer_is_assembled():
-    client = pool()
     chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-    async with Server([chunked, ok(b"next")]) as server:
-        first = await send(client, server.port)
-        second = await send(client, server.port)
-    client.close()
-    assert (first.body, second.body) == (b"hello world", b"next")
-    assert server.connections == 1
+    assert await bodies_and_connections([chunked, ok(b"next")], 2) == ([b"hello world", b"next"], 1)
 
 
 @run_async
@@ -167,24 +170,13 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused():
 
 @run_async
 async def test_connection_close_in_the_answer_is_honoured():
-    client = pool()
-    async with Server([ok(b"1", extra=b"connection: close\r\n"), ok(b"2")]) as server:
-        await send(client, server.port)
-        assert client._idle.get(("http", "127.0.0.1", server.port), []) == []
-        await send(client, server.port)
-    client.close()
-    assert server.connections == 2
+    assert await bodies_and_connections([ok(b"1", extra=b"connection: close\r\n"), ok(b"2")], 2) == ([b"1", b"2"], 2)
 
 
 @run_async
 async def test_bytes_after_the_end_of_an_answer_retire_the_connection():
-    client = pool()
-    async with Server([ok(b"1") + b"HTTP/1.1 200 OK\r\ncontent-len", ok(b"2")]) as server:
-        first = await send(client, server.port)
-        second = await send(client, server.port)
-    client.close()
-    assert (first.body, second.body) == (b"1", b"2")
-    assert server.connections == 2
+    answers = [ok(b"1") + b"HTTP/1.1 200 OK\r\ncontent-len", ok(b"2")]
+    assert await bodies_and_connections(answers, 2) == ([b"1", b"2"], 2)
 
 
 @run_async
