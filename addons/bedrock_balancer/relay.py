@@ -4,8 +4,10 @@ Why a relay. mitmproxy streams a response to the client only when the response c
 upstream server; a body an addon produces is always sent whole. Choosing, signing and sending in the
 addon would therefore lose either streaming or the ability to answer for the upstream (Bedrock-format
 errors for connection failures, and, later, retrying another region while still streaming). So the
-addon points each Bedrock flow at this relay, and the relay does the upstream work with its own
-pooled HTTP client:
+addon hands each Bedrock exchange to the relay, and the relay does the upstream work with its own pooled
+HTTP clients (:mod:`.upstream` for answers read whole, aiohttp for event streams). Non-streaming
+exchanges are run from the addon's ``request`` hook; a streamed one comes in through the relay's
+loopback server:
 
     client --TLS--> mitmproxy (classify) --loopback HTTP--> relay (choose, rewrite, sign, send) --TLS--> Bedrock
                                            <-- streamed ---                      <-- streamed --
