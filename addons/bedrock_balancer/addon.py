@@ -771,7 +771,12 @@ def _response(status: int, headers: list[tuple[str, str]], body: bytes) -> http.
     """A whole answer for mitmproxy to send, its body as it came (``Response.make`` would content-encode it again)."""
     headers = [*headers, ("content-length", str(len(body)))]
     now = time.time()
-    return http.Response(b"HTTP/1.1", status, status_codes.RESPONSES.get(status, "").encode(), _headers(headers), body, None, now, now)
+    # Built with empty trailers, then set to None: mitmproxy's debug-mode type check of ``trailers=None``
+    # raises and catches a TypeError, whose traceback keeps this request's whole call stack (the exchange,
+    # the answer) alive until the garbage collector runs; that cost more than building the response.
+    response = http.Response(b"HTTP/1.1", status, status_codes.RESPONSES.get(status, "").encode(), _headers(headers), body, http.Headers(), now, now)
+    response.trailers = None
+    return response
 
 
 class RequestView:
