@@ -215,3 +215,27 @@ async def test_header_bytes_and_a_compressed_body_reach_the_client_as_they_came(
     response = _response(answer.status, [(n, v) for n, v in answer.headers.items() if n.lower() != "content-length"], answer.body)
     assert response.raw_content == body
     assert response.headers.fields == ((b"content-encoding", b"gzip"), (b"x-note", b"caf\xc3\xa9 \xff"), (b"content-length", str(len(body)).encode()))
+
+
+def test_a_whole_answer_leaves_nothing_for_the_garbage_collector():
+    """mitmproxy's type check of ``trailers=None`` raises and catches a TypeError whose traceback holds the
+    caller's frames, and so the request's objects, until the collector runs; the proxy avoids it."""
+    import gc
+
+    from bedrock_balancer.addon import _response
+
+    def answer() -> None:
+        exchange_like = bytearray(1024)  # a local of a caller: it must be freed when the call returns
+        response = _response(200, [("content-type", "application/json")], b"{}")
+        assert response.trailers is None and exchange_like
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        answer()
+        gc.collect()
+        leftovers = [o for o in gc.garbage if isinstance(o, (BaseException, bytearray))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert leftovers == []
