@@ -391,8 +391,11 @@ def sigv4_summary(authorization: str | None, amz_date: str | None) -> dict | Non
     signed (a bearer token, or no Authorization at all).
     """
     parts = authorization_parts(authorization)
-    if parts is None:
-        return None
+    return None if parts is None else _scope_fields(parts, amz_date)
+
+
+def _scope_fields(parts: dict, amz_date: str | None) -> dict:
+    """What a SigV4 Authorization says (from :func:`authorization_parts`), with its X-Amz-Date: no signature."""
     return {
         "access_key_id": parts["access_key_id"],
         "date": parts["date"],
@@ -453,12 +456,7 @@ def render_sigv4(flow: Any) -> tuple[str, list[Line]]:
 
 def _fields_from_request(parts: dict, headers: Any) -> dict:
     return {
-        "access_key_id": parts["access_key_id"],
-        "date": parts["date"],
-        "region": parts["region"],
-        "service": parts["service"],
-        "signed_headers": list(parts["signed_headers"]),
-        "amz_date": headers.get("x-amz-date"),
+        **_scope_fields(parts, headers.get("x-amz-date")),
         "_signature": parts["signature_state"],
         "_token": "x-amz-security-token" in headers,
     }
