@@ -51,17 +51,13 @@ class Cooldowns:
     def available(self, target: str, model: str | None) -> bool:
         """May a request go to ``target`` for ``model`` now? (A half-open circuit admits one probe.)"""
         now = self.clock()
-        for key in self._keys(target, model):
-            circuit = self._circuits.get(key)
-            if circuit is None or circuit.failures == 0:
-                continue
-            if now < circuit.open_until or circuit.probing:
-                return False
-        return True
+        return self._available_at(now, target, model) <= now
 
     def next_available_at(self, target: str, model: str | None) -> float:
         """When ``target`` may next be tried for ``model`` (now if it is available)."""
-        now = self.clock()
+        return self._available_at(self.clock(), target, model)
+
+    def _available_at(self, now: float, target: str, model: str | None) -> float:
         at = now
         for key in self._keys(target, model):
             circuit = self._circuits.get(key)
