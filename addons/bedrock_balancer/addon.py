@@ -802,4 +802,4 @@ class RequestView:
 
 def _error_response(error: BedrockError) -> http.Response:
     status, headers, body = error.wire()
-    return http.Response.make(status, body, headers)
+    return _response(status, list(headers.items()), body)
