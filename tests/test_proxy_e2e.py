@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from botocore.exceptions import ClientError
 
 from proxyharness import CLIENT_KEY, PROXY_KEY, targets_for
 
@@ -117,6 +118,23 @@ def test_stream_events_reach_the_client_while_the_upstream_is_still_sending(emu,
         held.release()
     rest = list(stream)
     assert "messageStop" in rest[-2] and "metadata" in rest[-1]
+
+
+def test_streamed_answers_carry_the_upstreams_headers_not_the_relays(emu, proxy_factory, client_via_proxy):
+    # Streams come to mitmproxy through the relay's loopback server (aiohttp); none of its own headers
+    # may reach the client. A stream, and a streaming request that ends in an error, both come that way.
+    client = client_via_proxy(proxy_factory({"targets": targets_for(emu, ["us-west-2"]), "retry": {"max_attempts": 1}}))
+    streamed = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+    list(streamed["stream"])
+    emu.set_mode("us-west-2", "stream_first_exception")
+    with pytest.raises(ClientError) as failed:
+        client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+
+    for headers in (streamed["ResponseMetadata"]["HTTPHeaders"], failed.value.response["ResponseMetadata"]["HTTPHeaders"]):
+        assert headers["x-bedrock-balancer-region"] == "us-west-2"
+        assert "server" not in headers  # the emulator, like Bedrock, sends none
+        assert not [value for value in headers.values() if "aiohttp" in value.lower()]
+    assert failed.value.response["Error"]["Code"] == "ServiceUnavailableException"
 
 
 def test_invoke_stream_chunks_arrive_while_the_upstream_is_still_sending(emu, proxy_factory, client_via_endpoint):

@@ -29,7 +29,7 @@ from mitmproxy.proxy import mode_specs
 from . import accesslog, admin, affinity, classify, clientauth, config as config_module, contentview, quota
 from .credentials import CredentialStore
 from .errors import BedrockError
-from .relay import EVENT_STREAM, EXCHANGE_HEADER, Exchange, Relay, forwardable_headers, redacted, upstream_path
+from .relay import EVENT_STREAM, EXCHANGE_HEADER, LOOPBACK_SERVER, Exchange, Relay, forwardable_headers, redacted, upstream_path
 from . import state as state_module
 from .routing import Router
 
@@ -561,6 +561,8 @@ class BedrockBalancer:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or not exchange.request.streaming:  # a whole answer was shown in the request hook
             return
+        if flow.response.headers.get("server") == LOOPBACK_SERVER:
+            del flow.response.headers["server"]
         if flow.response.headers.get("content-type", "").startswith(EVENT_STREAM):
             limit = ctx.options.bedrock_stream_copy
             flow.response.stream = contentview.bounded_copy(limit, flow) if limit > 0 else True

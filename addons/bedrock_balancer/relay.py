@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -56,6 +57,9 @@ TARGET_HEADER = "x-bedrock-balancer-target"
 ATTEMPTS_HEADER = "x-bedrock-balancer-attempts"
 SIGNING_SERVICE = "bedrock"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
+# The Server header aiohttp adds to every loopback answer that has none (Bedrock sends none): the
+# proxy's machinery, not part of the answer, so the addon takes it off again.
+LOOPBACK_SERVER = SERVER_SOFTWARE
 
 # Request headers that never travel upstream: the client's own authentication (the proxy signs
 # afresh), hop-by-hop headers, and those the HTTP client sets itself.
