@@ -77,6 +77,16 @@ def test_bedrock_status_command(emu, proxy_factory, client_via_proxy):
 
     state = json.loads(text)
     assert state["targets"][0]["name"] == "us-east-1" and state["cooldowns"] == []
+    assert "note" not in state
+
+
+def test_bedrock_status_command_says_whose_view_it_shows_under_shared_state(emu, proxy_factory, redis_server):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])}, bedrock_state=redis_server.url)
+
+    state = json.loads(proxy.master.commands.call("bedrock.status"))
+
+    assert state["state"]["mode"] == "shared"
+    assert "as this instance sees them" in state["note"] and "/status" in state["note"]
 
 
 @pytest.mark.parametrize("text, expected", [("127.0.0.1:9090", ("127.0.0.1", 9090)), ("9090", ("127.0.0.1", 9090)), ("[::1]:9", ("::1", 9))])

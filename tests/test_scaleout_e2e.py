@@ -77,11 +77,24 @@ def most_in_any_window(times: list[float], window: float) -> int:
     return max((sum(1 for t in times[i:] if t < start + window) for i, start in enumerate(times)), default=0)
 
 
-def admin_status(proxy: bu.ProxyHandle) -> dict:
+def admin_page(proxy: bu.ProxyHandle, path: str) -> bytes:
     port = re.search(r"admin listener at http://[^:]+:(\d+)", proxy.process.output()).group(1)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/status", timeout=5) as response:
-        return json.loads(response.read())
+    with opener.open(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read()
+
+
+def admin_status(proxy: bu.ProxyHandle) -> dict:
+    return json.loads(admin_page(proxy, "/status"))
+
+
+def gauge(proxy: bu.ProxyHandle, name: str, **labels: str) -> float:
+    """One sample of a gauge on the proxy's /metrics (0 when the series is absent)."""
+    wanted = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"  # as prometheus_client orders them
+    for line in admin_page(proxy, "/metrics").decode().splitlines():
+        if line.startswith(name + wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -143,6 +156,9 @@ def test_a_cooldown_learnt_by_one_instance_is_honoured_by_the_others(upstream, i
     assert page["state"]["mode"] == "shared"
     assert [t["cooling_down"] for t in page["targets"]] == [True, False]
     assert [c["reason"] for c in page["cooldowns"]] == ["429 ThrottlingException"]
+    # ... and so does what Prometheus scrapes from it
+    cooling = [gauge(proxies[2], "bedrock_balancer_target_cooling_down", target=t, model=MODEL) for t in REGIONS]
+    assert cooling == [1.0, 0.0]
 
 
 def test_redis_stopped_and_restarted_mid_run(upstream, instances, redis_server):

@@ -321,7 +321,11 @@ class BedrockBalancer:
         """The balancer's live state: targets, cooldowns (until when, and why), quota usage."""
         if self.router is None:
             return json.dumps({"targets": [], "note": "no targets configured"})
-        return json.dumps(admin.status(self.router), indent=2)
+        page = admin.status(self.router)
+        if self.router.shared_state is not None and hasattr(self.router.shared_state, "shared_status"):
+            # A command cannot wait for Redis: say whose view this is, and where the shared one is.
+            page["note"] = "cooldowns and budgets as this instance sees them; /status on the admin listener (bedrock_admin) shows the shared state"
+        return json.dumps(page, indent=2)
 
     def _upstream_ssl_context(self) -> ssl.SSLContext:
         """The same upstream trust mitmproxy itself would use (its ssl_* options)."""

@@ -2,7 +2,9 @@
 
 Counters and histograms are fed one access record per finished request (:meth:`Metrics.observe`);
 the per-target state (cooling down or not, quota headroom, requests in flight, latency average) is read
-from the router when scraped, so it is always current. Each proxy has its own registry.
+from the router when scraped, so it is always current. With shared state (Redis), cooldowns and quota
+usage are read from there, so every instance shows the same; requests in flight and latency are each
+instance's own. Each proxy has its own registry.
 
 The admin listener (option ``bedrock_admin``, e.g. ``127.0.0.1:9090``) is off by default. It has no
 authentication: bind it to loopback or a private interface.
@@ -51,7 +53,8 @@ class Metrics:
         )
         self.tokens = Counter("bedrock_balancer_tokens", "Tokens used, from the answers", ["target", "direction"], registry=r)
         self._models: set[str] = set()
-        r.register(_TargetState(router))
+        self._target_state = _TargetState(router)
+        r.register(self._target_state)
 
     def observe(self, record: dict) -> None:
         operation = record.get("operation") or "-"
@@ -81,8 +84,13 @@ class Metrics:
             return model
         return "other"
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, shared: dict | None = None) -> bytes:
+        """The scrape; ``shared``: the shared state's view (as for :func:`status`), for the per-target gauges."""
+        self._target_state.shared = shared
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._target_state.shared = None
 
 
 class _TargetState:
@@ -90,6 +98,7 @@ class _TargetState:
 
     def __init__(self, router: Router):
         self.router = router
+        self.shared: dict | None = None  # set for the duration of a scrape
 
     def describe(self):
         return []
@@ -104,11 +113,12 @@ class _TargetState:
             labels=["target", "budget", "kind"],
         )
         outstanding = GaugeMetricFamily("bedrock_balancer_outstanding_requests", "Requests in flight", labels=["target"])
-        for entry in self.router.cooldowns.snapshot():
+        shared = self.shared
+        for entry in shared["cooldowns"] if shared is not None else self.router.cooldowns.snapshot():
             cooling.add_metric([entry["target"], entry["model"] or "*"], 1.0 if entry["state"] != "closed" and entry["seconds_left"] > 0 else 0.0)
         for target in self.router.config.targets:
             outstanding.add_metric([target.name], self.router.outstanding.get(target.name, 0))
-            for budget in _budget_usage(self.router, target):
+            for budget in _budget_usage(self.router, target, shared["usage"] if shared is not None else None):
                 for kind in ("rpm", "tpm"):
                     if budget[kind]:
                         used = budget["requests"] if kind == "rpm" else budget["tokens"]
@@ -181,12 +191,15 @@ class AdminServer:
             await self._runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=self.metrics.exposition(await self._shared()), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status(self, request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(status(self.router, self.metrics, await self._shared()), indent=2), content_type="application/json")
+
+    async def _shared(self) -> dict | None:
+        """The shared state's budgets and circuits; None without shared state, or while Redis is unreachable."""
         backend = self.router.shared_state
-        shared = await backend.shared_status() if hasattr(backend, "shared_status") else None
-        return web.Response(text=json.dumps(status(self.router, self.metrics, shared), indent=2), content_type="application/json")
+        return await backend.shared_status() if hasattr(backend, "shared_status") else None
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
