@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import benchutil as bu  # noqa: E402
@@ -159,6 +160,22 @@ def test_a_cooldown_learnt_by_one_instance_is_honoured_by_the_others(upstream, i
     # ... and so does what Prometheus scrapes from it
     cooling = [gauge(proxies[2], "bedrock_balancer_target_cooling_down", target=t, model=MODEL) for t in REGIONS]
     assert cooling == [1.0, 0.0]
+
+
+def test_a_clients_limit_holds_across_instances(upstream, instances, redis_server):
+    team_key = ("AKIATEAMASCALE", "team-a-secret-for-the-test")
+    team = {"name": "team-a", "access_key_id": team_key[0], "secret_access_key": team_key[1], "rpm": 3}
+    # A long window, so that a slow machine cannot let the window roll over mid-test.
+    proxies = instances(2, redis_server.url, {r: {"rpm": 1000} for r in REGIONS}, clients=[team], quota_window_s=60)
+    first, second = (bu.boto_client(p.url, "us-east-1", team_key, {"total_max_attempts": 1}, 4) for p in proxies)
+
+    converse(first), converse(second), converse(first)  # 3 of the team's 3, spread over both instances
+    with pytest.raises(ClientError) as refused:
+        converse(second)
+
+    assert refused.value.response["Error"]["Code"] == "ThrottlingException"
+    assert "team-a" in refused.value.response["Error"]["Message"]
+    assert len(records(upstream)) == 3  # the refused request never went upstream
 
 
 def test_redis_stopped_and_restarted_mid_run(upstream, instances, redis_server):
