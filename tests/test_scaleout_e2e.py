@@ -216,33 +216,52 @@ def test_redis_stopped_and_restarted_mid_run(upstream, instances, redis_server):
         assert output.count("unreachable") == 1 and "answers again" in output
 
 
-def test_instances_behind_haproxy_share_the_load(upstream, instances, redis_server, tmp_path):
-    """examples/haproxy.cfg, as documented, in front of two instances."""
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")  # Debian's: a module of its own
+
+
+def l4_balancer_command(balancer: str, tmp_path: Path, front: int, ports: list[int]) -> tuple[list[str], dict[str, str]]:
+    """The README's command for examples/<balancer config>, with the test's ports."""
     import shutil
+
+    binary = shutil.which(balancer) or shutil.which(balancer, path="/usr/sbin")
+    assert binary, f"{balancer} is not installed: apt-get install {balancer} (scripts/test installs it when run as root)"
+    example = Path(__file__).resolve().parent.parent / "examples"
+    if balancer == "haproxy":
+        env = {"FRONT_PORT": str(front), "PATH": "/usr/bin:/bin"} | {f"PROXY{i}_PORT": str(port) for i, port in enumerate(ports)}
+        return [binary, "-db", "-f", str(example / "haproxy.cfg")], env
+    config = (example / "nginx.conf").read_text().replace("127.0.0.1:8080;", f"127.0.0.1:{front};")
+    for default_port, port in zip((8081, 8082, 8083), ports):
+        config = config.replace(f"127.0.0.1:{default_port} ", f"127.0.0.1:{port} ")
+    (tmp_path / "nginx.conf").write_text(config)
+    command = [binary, "-p", str(tmp_path), "-c", "nginx.conf"]
+    if NGINX_STREAM_MODULE.exists():
+        command += ["-g", f"load_module {NGINX_STREAM_MODULE};"]
+    return command, {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.mark.parametrize("balancer", ["haproxy", "nginx"])
+def test_instances_behind_an_l4_balancer_share_the_load(upstream, instances, redis_server, tmp_path, balancer):
+    """examples/haproxy.cfg and examples/nginx.conf, run as the README shows, in front of two instances."""
     import socket
     import subprocess
 
-    binary = shutil.which("haproxy")
-    assert binary, "haproxy is not installed: apt-get install haproxy (scripts/test installs it when run as root)"
     proxies = instances(2, redis_server.url, {r: {"rpm": 1000} for r in REGIONS})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         front = s.getsockname()[1]
-    template = (Path(__file__).resolve().parent.parent / "examples" / "haproxy.cfg").read_text()
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(template)
-    env = {"FRONT_PORT": str(front), "PROXY0_PORT": str(proxies[0].port), "PROXY1_PORT": str(proxies[1].port), "PATH": "/usr/bin:/bin"}
-    haproxy = subprocess.Popen([binary, "-db", "-f", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # The examples name three instances; the third port repeats the second's.
+    command, env = l4_balancer_command(balancer, tmp_path, front, [proxies[0].port, proxies[1].port, proxies[1].port])
+    process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         def listening() -> bool:
-            assert haproxy.poll() is None, haproxy.stdout.read().decode()
+            assert process.poll() is None, process.stdout.read().decode()
             try:
                 socket.create_connection(("127.0.0.1", front), timeout=0.2).close()
                 return True
             except OSError:
                 return False
 
-        wait_for(listening, 10, "haproxy")
+        wait_for(listening, 10, balancer)
         front_door = bu.ProxyHandle(proxies[0].process, front, proxies[0].config_path)
 
         def one(_: int) -> str:
@@ -251,8 +270,8 @@ def test_instances_behind_haproxy_share_the_load(upstream, instances, redis_serv
         with ThreadPoolExecutor(8) as pool:
             served = list(pool.map(one, range(16)))
     finally:
-        haproxy.terminate()
-        haproxy.wait(10)
+        process.terminate()
+        process.wait(10)
     assert len(served) == 16 and set(served) == set(REGIONS)
     per_instance = [p.process.output().count("bedrock Converse") for p in proxies]
     assert sum(per_instance) == 16 and all(n > 0 for n in per_instance), per_instance
