@@ -261,6 +261,24 @@ def test_unreachable_target_is_a_service_unavailable_exception(emu, proxy_factor
     assert "cannot connect to localhost" in record["attempts"][0]["error"]
 
 
+def test_an_internal_error_is_answered_and_logged_never_forwarded(emu, proxy_factory, client_via_proxy, monkeypatch):
+    from bedrock_balancer import classify
+
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    client = client_via_proxy(proxy)
+
+    def a_bug(*args):
+        raise RuntimeError("a bug in the classification")
+
+    monkeypatch.setattr(classify, "with_body", a_bug)
+    with pytest.raises(client.exceptions.InternalServerException, match="internal error"):
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+
+    assert emu.requests == []
+    record = proxy.wait_for_records(1)[-1]
+    assert record["status"] == 500 and "internal error" in record["error"]
+
+
 def test_client_errors_from_upstream_reach_the_client_unchanged(emu, proxy_factory, client_via_proxy):
     proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1", "us-west-2"])})
     client = client_via_proxy(proxy)

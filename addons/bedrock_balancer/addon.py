@@ -20,6 +20,7 @@ import re
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy import log as mitmproxy_log
@@ -49,6 +50,19 @@ FAILURE_MARKER = ":warning:"
 FAILOVER_MARKER = ":repeat:"
 
 
+@dataclass
+class _FlowState:
+    """What the addon keeps about one Bedrock flow between its hooks.
+
+    Kept by the addon, keyed by flow id, not in flow.metadata: mitmproxy must be able to serialise
+    metadata (saved flows, mitmweb), and an Exchange holds the request and its signature."""
+
+    started: float  # monotonic, when the request hook took the flow
+    exchange: Exchange | None = None  # once classified
+    relay_token: str | None = None  # streamed flows: the relay's handle on the exchange
+    reservation: tuple | None = None  # under per-client limits: (reservation, tokens reserved)
+
+
 class BedrockBalancer:
     name = "bedrock_balancer"
 
@@ -60,12 +74,7 @@ class BedrockBalancer:
         self.authenticator: clientauth.Authenticator | None = None
         self.client_limits: clientauth.ClientLimits | None = None
         self.state = None  # state_module.MemoryState or RedisState, with the router
-        # Per-flow state lives here, keyed by flow id, not in flow.metadata: mitmproxy must be able to
-        # serialise metadata (saved flows, mitmweb), and an Exchange holds the request and its signature.
-        self._client_reservations: dict[str, tuple] = {}  # flow id -> (reservation, tokens reserved)
-        self._started: dict[str, float] = {}  # flow id -> monotonic start, for every Bedrock flow
-        self._exchanges: dict[str, Exchange] = {}  # flow id -> its exchange, once classified
-        self._tokens: dict[str, str] = {}  # flow id -> relay token, for streamed flows
+        self._flows: dict[str, _FlowState] = {}  # every Bedrock flow the request hook took, until it ends
         self.metrics: admin.Metrics | None = None
         self.admin: admin.AdminServer | None = None
         self._running = False
@@ -434,9 +443,11 @@ class BedrockBalancer:
             # Never let a bug forward the request as it stands (to the client's original host, or to a
             # half-rewritten one): answer it here instead.
             log.exception("bedrock-balancer: internal error on %s", flow.request.pretty_url)
-            if flow.id in self._started:
+            state = self._flows.get(flow.id)
+            if state is not None:
                 _redact_client_credentials(flow.request)
                 flow.response = _error_response(BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)"))
+                self._finish(flow, state, error="internal error (see the proxy's log)")
 
     async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
@@ -454,7 +465,7 @@ class BedrockBalancer:
                 return
         if not bedrock:
             return
-        self._started[flow.id] = started = time.monotonic()
+        state = self._flows[flow.id] = _FlowState(time.monotonic())
         request = RequestView(flow.request)
         summary = contentview.sigv4_summary(request.header("authorization"), request.header("x-amz-date"))
         if summary is not None:  # what the client signed (no signature), for the SigV4 view
@@ -462,14 +473,14 @@ class BedrockBalancer:
         try:
             self._check_request(flow, request)
             exchange = self._exchange_for(flow, request)
-            await self._admit_client(flow, exchange)
+            state.reservation = await self._admit_client(flow, exchange)
         except BedrockError as e:
             _redact_client_credentials(flow.request)
             flow.response = _error_response(e)
             # The first line only: a signature-debugging message goes to the client, not to the logs.
-            self._finish(flow, None, started, error=f"{e.error_type}: {e.message.partition(chr(10))[0]}")
+            self._finish(flow, state, error=f"{e.error_type}: {e.message.partition(chr(10))[0]}")
             return
-        self._exchanges[flow.id] = exchange
+        state.exchange = exchange
         if not exchange.request.streaming:
             # mitmproxy sends a non-streamed answer whole anyway: the relay's client fetches it (with
             # failover) and the flow gets it here, with no loopback hop and no upstream connection of
@@ -479,12 +490,11 @@ class BedrockBalancer:
             self._show_upstream_request(flow, exchange)
             self._annotate(flow, exchange)  # now, so that flows saved by -w (before our response hook) carry it
             return
-        token = self.relay.register(exchange)
+        state.relay_token = self.relay.register(exchange)
         flow.request.scheme, flow.request.host, flow.request.port = "http", *self.relay.address
         # Only the client's forwardable headers (and Host) travel even the loopback hop: not its credentials.
         keep = {n.lower() for n, _ in exchange.headers} | {"host", "content-length", "transfer-encoding"}
-        flow.request.headers = _headers([(n, v) for n, v in request.headers if n.lower() in keep] + [(EXCHANGE_HEADER, token)])
-        self._tokens[flow.id] = token
+        flow.request.headers = _headers([(n, v) for n, v in request.headers if n.lower() in keep] + [(EXCHANGE_HEADER, state.relay_token)])
 
     def _check_request(self, flow: http.HTTPFlow, request: RequestView) -> None:
         """Hygiene, size and client authentication, on the request exactly as the client sent it."""
@@ -525,14 +535,14 @@ class BedrockBalancer:
                 f"({request.host}:{request.port})",
             )
 
-    async def _admit_client(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+    async def _admit_client(self, flow: http.HTTPFlow, exchange: Exchange) -> tuple | None:
+        """Reserve the request in its client's own budget: (reservation, tokens reserved), or None without limits."""
         name = flow.metadata.get(CLIENT_NAME_KEY)
         if self.client_limits is None or name is None:
-            return
+            return None
         tokens = exchange.tokens or (quota.estimate_tokens(exchange.body) if self.client_limits.limits_tokens(name) else 0)
         reservation = await self.client_limits.admit_shared(name, tokens)
-        if reservation is not None:
-            self._client_reservations[flow.id] = (reservation, tokens)
+        return None if reservation is None else (reservation, tokens)
 
     def _exchange_for(self, flow: http.HTTPFlow, request: RequestView) -> Exchange:
         reverse = isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
@@ -562,7 +572,7 @@ class BedrockBalancer:
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
+        exchange = self._exchange(flow)
         if exchange is None or not exchange.request.streaming:  # a whole answer was shown in the request hook
             return
         if flow.response.headers.get("server") == LOOPBACK_SERVER:
@@ -586,37 +596,39 @@ class BedrockBalancer:
         request.headers = _headers(redacted(exchange.sent_headers))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
-        if exchange is not None:
+        state = self._flows.get(flow.id)
+        if state is not None:
             contentview.attach_copy(flow)
-            self._finish(flow, exchange, exchange.started, error=exchange.error)
+            self._finish(flow, state, error=state.exchange.error if state.exchange else None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow.id)
-        if self.relay is not None:
-            self.relay.discard(self._tokens.get(flow.id))
-        if exchange is not None:
-            contentview.attach_copy(flow)
-            message = flow.error.msg if flow.error else "error"
-            if exchange.request.streaming and exchange.stream_outcome is None and exchange.status == 200:
-                # The stream had begun; mitmproxy gave up on it before the relay saw its end.
-                exchange.stream_outcome = "client-gone" if "client" in message.lower() else "truncated"
-            self._finish(flow, exchange, exchange.started, error=exchange.error or message)
-        else:
-            self._forget(flow)
+        state = self._flows.get(flow.id)
+        if state is None:
+            return
+        contentview.attach_copy(flow)
+        message = flow.error.msg if flow.error else "error"
+        exchange = state.exchange
+        if exchange is not None and exchange.request.streaming and exchange.stream_outcome is None and exchange.status == 200:
+            # The stream had begun; mitmproxy gave up on it before the relay saw its end.
+            exchange.stream_outcome = "client-gone" if "client" in message.lower() else "truncated"
+        self._finish(flow, state, error=(exchange.error if exchange else None) or message)
 
-    def _forget(self, flow: http.HTTPFlow) -> None:
-        for state in (self._started, self._exchanges, self._tokens):
-            state.pop(flow.id, None)
+    def _exchange(self, flow: http.HTTPFlow) -> Exchange | None:
+        state = self._flows.get(flow.id)
+        return state.exchange if state is not None else None
 
     def _annotate(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Comment and marker for mitmweb, from what is known so far (``_finish`` completes them)."""
         _show_in_mitmweb(flow, access_record(flow, exchange, flow.response.status_code if flow.response else None, 0.0, exchange.error))
 
-    def _finish(self, flow: http.HTTPFlow, exchange: Exchange | None, started: float, error: str | None) -> None:
-        self._forget(flow)
-        self._settle_client(flow, exchange)
-        latency_ms = (time.monotonic() - started) * 1000
+    def _finish(self, flow: http.HTTPFlow, state: _FlowState, error: str | None) -> None:
+        """The flow is done (answered, refused or failed): settle what it held, and record it."""
+        self._flows.pop(flow.id, None)
+        if state.relay_token is not None and self.relay is not None:
+            self.relay.discard(state.relay_token)  # a stream mitmproxy never brought to the relay
+        exchange = state.exchange
+        self._settle_client(state)
+        latency_ms = (time.monotonic() - state.started) * 1000
         status = flow.response.status_code if flow.response is not None else None
         if exchange is not None and exchange.stream_outcome == "truncated":
             error = error or "stream truncated"
@@ -632,12 +644,12 @@ class BedrockBalancer:
         if self.access_log is not None:
             self.access_log.write(record)
 
-    def _settle_client(self, flow: http.HTTPFlow, exchange: Exchange | None) -> None:
+    def _settle_client(self, state: _FlowState) -> None:
         """Replace what a client's request reserved in its own budget by what it really used."""
-        held = self._client_reservations.pop(flow.id, None)
-        if held is None or self.client_limits is None:
+        if state.reservation is None or self.client_limits is None:
             return
-        reservation, reserved = held
+        reservation, reserved = state.reservation
+        exchange = state.exchange
         never_sent = exchange is None or not exchange.attempts
         self.client_limits.settle(reservation, 0 if never_sent else exchange.usage.total(unknown=reserved))
 
