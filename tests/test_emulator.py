@@ -842,6 +842,17 @@ def test_stream_first_exception(emu):
     assert [r.status for r in emu.requests] == [200, 200]
 
 
+def test_stream_stall_begins_the_stream_then_says_nothing_until_released(emu):
+    emu.set_mode("us-east-1", "stream_stall")
+    stream = iter(bedrock(emu).converse_stream(modelId=MODEL, messages=MESSAGES)["stream"])
+
+    assert "messageStart" in next(stream)  # the stream began ...
+    stalled = emu.requests[0]
+    assert (stalled.status, stalled.error_type) == (200, "stream_stall")  # ... and nothing more came
+    emu.release_all()
+    assert "metadata" in list(stream)[-1]
+
+
 def test_stream_modes_leave_non_streaming_calls_alone(emu):
     emu.set_mode("us-east-1", "stream_first_exception", count=1)
     client = bedrock(emu)

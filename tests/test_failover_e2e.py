@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections import Counter
 
 import pytest
-from botocore.exceptions import EventStreamError
+from botocore.exceptions import EventStreamError, ReadTimeoutError
 
-from proxyharness import targets_for
+from proxyharness import run_in_proxy, targets_for
 
 CLAUDE = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 MESSAGES = [{"role": "user", "content": [{"text": "Which region are you in?"}]}]
@@ -73,6 +74,49 @@ def test_stalled_stream_is_abandoned_and_the_healthy_one_still_streams(emu, prox
     assert "metadata" in rest[-1]
     assert attempts_header(response) == [("us-east-1", "0"), ("us-west-2", "200")]
     assert proxy.wait_for_records(1)[0]["attempts"][0]["error"] == "stalled before its first event"
+
+
+def test_a_stream_that_begins_then_stalls_is_failed_over(emu, proxy_factory, client_via_proxy):
+    # us-east-1 answers 200 and messageStart, then nothing: the client must see us-west-2's answer whole,
+    # with us-west-2's headers, and a single messageStart.
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "stall_timeout_s": 0.5}))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "stream_stall")
+
+    response = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+    events = list(response["stream"])
+
+    assert [name for e in events for name in e if name == "messageStart"] == ["messageStart"]
+    assert "contentBlockDelta" in events[1] and "metadata" in events[-1]
+    assert served_region(response) == "us-west-2"
+    assert response["ResponseMetadata"]["HTTPHeaders"]["x-emulator-region"] == "us-west-2"
+    assert attempts_header(response) == [("us-east-1", "200"), ("us-west-2", "200")]
+    assert proxy.wait_for_records(1)[0]["attempts"][0]["error"] == "stalled before its first event"
+
+
+def test_a_client_that_leaves_before_its_stream_begins_costs_nothing_more(emu, proxy_factory, client_via_proxy):
+    from botocore.config import Config
+
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "stall_timeout_s": 30}))
+    client = client_via_proxy(proxy, config=Config(retries={"total_max_attempts": 1}, read_timeout=0.5))
+    emu.set_mode("us-east-1", "stream_stall")
+
+    with pytest.raises(ReadTimeoutError):  # the app gives up while the proxy waits for the first event
+        client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+    (record,) = proxy.wait_for_records(1)
+    assert record["region"] == "us-east-1" and "client disconnected" in record["error"].lower()
+
+    # The proxy stops working for it at once: nothing in flight, although us-east-1 would stall for 30 s ...
+    in_flight = lambda: run_in_proxy(proxy, lambda: sum(proxy.balancer.router.outstanding.values()))  # noqa: E731
+    deadline = time.monotonic() + 5
+    while in_flight():
+        assert time.monotonic() < deadline, "the proxy is still waiting upstream for a client that left"
+        time.sleep(0.01)
+    emu.release_all()
+    served = served_region(client_via_proxy(proxy).converse(modelId=CLAUDE, messages=MESSAGES))
+    # ... asks no other region on its behalf, and blames none for the lost connection.
+    assert [r.region for r in emu.requests] == ["us-east-1", served]
+    assert proxy.balancer.router.cooldowns.snapshot() == []
 
 
 @pytest.mark.parametrize("operation", ["converse_stream", "invoke_model_with_response_stream"])

@@ -209,7 +209,10 @@ class Relay:
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None, connect=self.config.timeouts.connect_s, sock_read=self.config.timeouts.read_s),
         )
-        server = web.Server(self._handle, access_log=None)
+        # mitmproxy closes its loopback connection when the client goes away: the handler is cancelled
+        # then, so that no more upstream attempts are made (and paid for) for nobody, no region is blamed
+        # for the lost connection, and the upstream stream is closed.
+        server = web.Server(self._handle, access_log=None, handler_cancellation=True)
         self._runner = web.ServerRunner(server, access_log=None)
         await self._runner.setup()
         # mitmproxy opens one connection here per concurrent stream: a burst of them must not overflow
@@ -306,6 +309,7 @@ class Relay:
         upstream: aiohttp.ClientResponse | None = None
         verdict = False  # whether the cooldowns learnt anything from this attempt
         settled = False
+        streamed = False  # whether content went on to the client
         try:
             credentials = await self.credentials.get(target)
             path = upstream_path(exchange, choice)
@@ -331,6 +335,7 @@ class Relay:
                     return await self._unreachable(lease, attempt, started, f"stream {reason}", whole_target=False)
                 await self._succeeded(exchange, lease, attempt, started)
                 exchange.first_event_ms = _ms_since(exchange.started)
+                streamed = True
                 response = await self._stream(exchange, upstream, stream_to, head, meter)
                 await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens))
                 settled = True
@@ -357,8 +362,8 @@ class Relay:
             self.router.finished(target)
             if not verdict:
                 await self.state.release_probe(lease)
-            if not settled:  # never ran upstream: it used no tokens (the request still counts)
-                await self.state.settle(lease, 0)
+            if not settled:  # a stream cut short by its client, else it never ran upstream and used no tokens
+                await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens) if streamed else 0)
             if upstream is not None:
                 upstream.release()
 
@@ -414,9 +419,9 @@ class Relay:
     ) -> web.StreamResponse:
         """Pipe the event stream to the client frame by frame; a broken upstream ends it with an error frame."""
         response = web.StreamResponse(status=upstream.status, headers=self._response_headers(exchange, upstream))
-        await response.prepare(request)
         pending = head  # bytes not yet written: only whole frames go out, so an error frame can follow cleanly
         try:
+            await _prepare(response, request)
             pending = await _write_whole_frames(response, pending, meter)
             while True:
                 chunk = await upstream.content.readany()
@@ -478,6 +483,13 @@ class Relay:
 
 class _ClientGone(Exception):
     """The client (through mitmproxy) stopped reading the answer."""
+
+
+async def _prepare(response: web.StreamResponse, request: web.BaseRequest) -> None:
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, RuntimeError) as e:  # mitmproxy hung up: the client is gone
+        raise _ClientGone() from e
 
 
 async def _write_whole_frames(response: web.StreamResponse, pending: bytearray, meter) -> bytearray:

@@ -66,10 +66,11 @@ MODES = frozenset(
         "drop",
         "stall",
         "stream_first_exception",
+        "stream_stall",
         "stream_cut",
     }
 )
-STREAM_ONLY_MODES = frozenset({"stream_first_exception", "stream_cut"})
+STREAM_ONLY_MODES = frozenset({"stream_first_exception", "stream_stall", "stream_cut"})
 # Modes answered with an ordinary error: mode -> (error type, message).
 ERROR_MODES = {
     "throttle": ("ThrottlingException", wire.TOO_MANY_REQUESTS),
@@ -118,7 +119,7 @@ class RecordedRequest:
     ``raw_path`` is the request target exactly as on the wire (percent-encoding and query
     included). ``status`` 0 means no HTTP answer was given (``drop``; ``stall`` until released).
     ``error_type`` is the AWS error type, or the stream exception type (``throttlingException``),
-    or ``stream_cut`` / ``drop`` / ``stall`` for faults that have no AWS name.
+    or ``stream_cut`` / ``stream_stall`` / ``drop`` / ``stall`` for faults that have no AWS name.
     """
 
     region: str
@@ -705,7 +706,7 @@ class Emulator:
         output_tokens = len(wire.reply_pieces(call.region))
         try:
             if operation in STREAMING_OPERATIONS:
-                await self._stream(call, operation, model_id, input_tokens, cut=mode == "stream_cut")
+                await self._stream(call, operation, model_id, input_tokens, cut=mode == "stream_cut", stall=mode == "stream_stall")
             elif operation == "InvokeModel":
                 await self._invoke(call, model_id, input_tokens, output_tokens)
             else:
@@ -733,7 +734,7 @@ class Emulator:
             await call.channel.send_chunk(exception_frame("throttlingException", wire.TOO_MANY_TOKENS))
             await call.channel.end_stream()
             return True
-        return False  # stream_cut: the stream itself cuts
+        return False  # stream_cut, stream_stall: the stream itself cuts or stalls
 
     async def _stall(self, call: _Call) -> None:
         """Say nothing until release_all() (or stop); then answer normally."""
@@ -754,13 +755,15 @@ class Emulator:
         body = wire.converse_body(call.region, input_tokens, output_tokens, call.elapsed_ms())
         await self._answer(call, call.json_answer(body))
 
-    async def _stream(self, call: _Call, operation: str, model_id: str, input_tokens: int, cut: bool) -> None:
-        """Stream the reply; after the first text event, cut (``stream_cut``) or wait for holds."""
+    async def _stream(self, call: _Call, operation: str, model_id: str, input_tokens: int, cut: bool, stall: bool = False) -> None:
+        """Stream the reply; after the first text event, cut (``stream_cut``) or wait for holds. With
+        ``stall`` (``stream_stall``), the stream begins (200, its opening event) and then says nothing
+        until release_all(): a region that accepted the request but produces nothing."""
         holds = self._active_holds(call.region)
         pieces = wire.reply_pieces(call.region)
         invoke = operation == "InvokeModelWithResponseStream"
         call.record.status = 200
-        call.record.error_type = "stream_cut" if cut else None
+        call.record.error_type = "stream_cut" if cut else "stream_stall" if stall else None
         self._publish(call)
         await call.channel.start_stream(200, call.stream_headers(operation))
         first_byte_ms = call.elapsed_ms()
@@ -770,7 +773,13 @@ class Emulator:
         else:
             head = wire.converse_stream_head()
             deltas = [wire.converse_stream_delta(piece) for piece in pieces]
-        for frame in head + deltas[:1]:
+        for frame in head:
+            await self._send_event(call, frame)
+        if stall:
+            assert self._stall_release is not None
+            await self._stall_release.wait()
+            call.record.error_type = None
+        for frame in deltas[:1]:
             await self._send_event(call, frame)
         if cut:
             call.channel.abort()
