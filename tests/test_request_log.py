@@ -1,5 +1,6 @@
-"""The line per request: it reaches mitmproxy's log handlers (the terminal, mitmweb's event log), but not
-mitmproxy's deprecated ``add_log`` hook, which would run every addon once per request (scripts/bench)."""
+"""The line per request, and mitmproxy's line when a stream starts: they reach mitmproxy's log handlers
+(the terminal, mitmweb's event log), but not mitmproxy's deprecated ``add_log`` hook, which would run
+every addon once per request (scripts/bench)."""
 
 from __future__ import annotations
 
@@ -31,25 +32,34 @@ class LegacyRecorder(mitmproxy_log.LegacyLogEvents):
         self.records.append(record)
 
 
-def test_request_lines_skip_only_the_deprecated_add_log_hook():
+def test_request_and_stream_lines_skip_only_the_deprecated_add_log_hook():
     root = logging.getLogger()
     terminal, legacy = Recorder(), LegacyRecorder()
     root.addHandler(terminal)
     root.addHandler(legacy)
     level = addon.request_log.level
     addon.request_log.setLevel(logging.INFO)
+    mitmproxy_server = logging.getLogger("mitmproxy.proxy.server")
+    server_level = mitmproxy_server.level
+    mitmproxy_server.setLevel(logging.INFO)
     try:
         addon._spare_legacy_log_hook()
         addon._spare_legacy_log_hook()  # idempotent: one filter, however often the proxy starts
         addon.request_log.info("bedrock Converse m us-east-1 -> us-west-2 status=200 12ms")
         addon.log.warning("bedrock-balancer: something the operator must see")
+        # As mitmproxy's ConnectionHandler.log does it, when a stream starts:
+        mitmproxy_server.info("Streaming response from bedrock-runtime.us-west-2.amazonaws.com.", extra={"client": ("127.0.0.1", 5)})
+        mitmproxy_server.info("client disconnect", extra={"client": ("127.0.0.1", 5)})
     finally:
         root.removeHandler(terminal)
         root.removeHandler(legacy)
         addon.request_log.setLevel(level)
+        mitmproxy_server.setLevel(server_level)
     assert [r.getMessage() for r in terminal.records] == [
         "bedrock Converse m us-east-1 -> us-west-2 status=200 12ms",
         "bedrock-balancer: something the operator must see",
+        "Streaming response from bedrock-runtime.us-west-2.amazonaws.com.",
+        "client disconnect",
     ]
-    assert [r.getMessage() for r in legacy.records] == ["bedrock-balancer: something the operator must see"]
-    assert legacy.filters.count(addon._not_a_request_line) == 1
+    assert [r.getMessage() for r in legacy.records] == ["bedrock-balancer: something the operator must see", "client disconnect"]
+    assert legacy.filters.count(addon._worth_an_add_log) == 1
