@@ -119,6 +119,38 @@ def test_a_client_that_leaves_before_its_stream_begins_costs_nothing_more(emu, p
     assert proxy.balancer.router.cooldowns.snapshot() == []
 
 
+def test_no_region_is_tried_for_a_client_that_has_left(emu, proxy_factory, client_via_proxy):
+    from botocore.config import Config
+
+    proxy = proxy_factory(two_regions(emu, timeouts={"read_s": 1}))
+    client = client_via_proxy(proxy, config=Config(retries={"total_max_attempts": 1}, read_timeout=0.3))
+    emu.set_mode("us-east-1", "stall")
+
+    with pytest.raises(ReadTimeoutError):  # the app gives up before us-east-1 times out
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    (record,) = proxy.wait_for_records(1)  # once the proxy is done with it
+
+    assert [r.region for r in emu.requests] == ["us-east-1"]  # us-west-2 was not asked for nobody
+    assert "the client went away after 1 attempts" in record["error"]
+    assert [a["error"] for a in record["attempts"]] == ["timed out"]
+
+
+def test_a_client_that_leaves_while_every_region_cools_down_is_not_served_later(emu, proxy_factory, client_via_proxy):
+    from botocore.config import Config
+
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "cooldown_base_s": 1.5, "cooldown_max_s": 1.5}))
+    client = client_via_proxy(proxy, config=Config(retries={"total_max_attempts": 1}, read_timeout=0.5))
+    emu.set_mode("us-east-1", "throttle", count=1)
+    emu.set_mode("us-west-2", "throttle", count=1)
+
+    with pytest.raises(ReadTimeoutError):  # both throttled; the app gives up while the proxy waits
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    (record,) = proxy.wait_for_records(1)
+
+    assert [r.status for r in emu.requests] == [429, 429]  # no third attempt once a region recovered
+    assert "the client went away after 2 attempts" in record["error"]
+
+
 @pytest.mark.parametrize("operation", ["converse_stream", "invoke_model_with_response_stream"])
 def test_exception_as_first_frame_fails_over_like_a_429(emu, proxy_factory, client_via_proxy, operation):
     proxy = proxy_factory(two_regions(emu))

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.connection import ConnectionState
 from mitmproxy import log as mitmproxy_log
 from mitmproxy.net.http import status_codes, url
 from mitmproxy.proxy import mode_specs
@@ -572,6 +573,9 @@ class BedrockBalancer:
                 if self.config.affinity and bedrock_request.balanceable and bedrock_request.model_id
                 else None
             ),
+            # mitmproxy marks the client connection as soon as it reads its end, although the flow
+            # hears of it only once the request hook returns.
+            client_gone=lambda: not flow.client_conn.state & ConnectionState.CAN_READ,
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

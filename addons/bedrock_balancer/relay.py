@@ -29,6 +29,7 @@ import logging
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -123,6 +124,9 @@ class Exchange:
     first_event_ms: float | None = None  # streams: from the request to the first content event
     tokens: int = 0  # what the request reserves in quota budgets
     affinity_key: str | None = None
+    # Whether the client has gone away: then no further attempt is made for it. (Streams learn it from
+    # the loopback connection too; see Relay.start.)
+    client_gone: Callable[[], bool] = field(default=lambda: False, repr=False)
 
     @property
     def target(self) -> Target | None:
@@ -262,13 +266,18 @@ class Relay:
                 chosen = await self._choose(exchange, deadline)
             except BedrockError as e:
                 return self._proxy_error(exchange, e)
-            if chosen is None:  # waited for a target until the deadline
+            if chosen is None:  # waited for a target until the deadline, or the client left meanwhile
                 break
             outcome = await self._attempt(exchange, *chosen, stream_to)
             if not isinstance(outcome, Failure):
                 return outcome
             failure = outcome
-        return self._give_up(exchange, failure)
+            if exchange.client_gone():  # nobody is waiting for another region's answer (nor paying for it)
+                break
+        answer = self._give_up(exchange, failure)
+        if exchange.client_gone():
+            exchange.error = f"the client went away after {len(exchange.attempts)} attempts; no more were made"
+        return answer
 
     async def _choose(self, exchange: Exchange, deadline: float) -> tuple[Choice, Lease] | None:
         """A target for the next attempt, reserved in its budgets, waiting for one to recover if all are cooling down."""
@@ -282,6 +291,8 @@ class Relay:
                     exchange.error = not_yet.reason
                     return None
                 await asyncio.sleep(max(0.0, not_yet.retry_at - now))
+                if exchange.client_gone():
+                    return None
 
     def _give_up(self, exchange: Exchange, failure: Failure | None) -> Answer:
         if failure is not None and failure.status is not None:  # the last upstream answer, as it was
