@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .quota import target_budgets
 from .routing import Router
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -127,13 +128,10 @@ class _TargetState:
 
 
 def _budget_usage(router: Router, target, shared_usage: dict | None = None) -> list[dict]:
-    keys = [(("*", None), target.rpm, target.tpm)] if (target.rpm or target.tpm) else []
-    keys += [((pattern, None), budget.rpm, budget.tpm) for pattern, budget in target.model_quotas]
     usage = []
-    for (name, _), rpm, tpm in keys:
-        key = (target.name, name)
+    for key, budget in target_budgets(target):
         requests, tokens = shared_usage.get(key, (0, 0)) if shared_usage is not None else router.ledger.usage(key)
-        usage.append({"budget": name, "rpm": rpm, "tpm": tpm, "requests": requests, "tokens": tokens})
+        usage.append({"budget": key[1], "rpm": budget.rpm, "tpm": budget.tpm, "requests": requests, "tokens": tokens})
     return usage
 
 

@@ -125,6 +125,12 @@ class QuotaLedger:
         reservation.tokens = tokens
 
 
+def target_budgets(target) -> list[tuple[tuple[str, str], Budget]]:
+    """Every budget ``target`` has, whatever the model: its own, then one per ``model_quotas`` pattern."""
+    budgets = [((target.name, "*"), Budget(target.rpm, target.tpm))] if (target.rpm or target.tpm) else []
+    return budgets + [((target.name, pattern), budget) for pattern, budget in target.model_quotas]
+
+
 def budgets_for(target, model_id: str | None) -> list[tuple[tuple[str, str], Budget]]:
     """The budgets a request to ``target`` for ``model_id`` counts against: the target's, and the
     first of its ``model_quotas`` whose pattern matches the model."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from .health import PROBE_RECHECK_S
-from .quota import Reservation, budgets_for
+from .quota import Reservation, budgets_for, target_budgets
 from .routing import Choice, NotYet, Router
 
 log = logging.getLogger(__name__)
@@ -553,11 +553,7 @@ class RedisState:
     async def shared_status(self) -> dict | None:
         """The shared budgets and circuits, for ``/status``: {"usage": {(target, budget): (requests, tokens)},
         "cooldowns": [...]}; None when Redis is unreachable (status pages then show the local view)."""
-        keys = []
-        for target in self.router.config.targets:
-            if target.rpm or target.tpm:
-                keys.append((target.name, "*"))
-            keys += [(target.name, pattern) for pattern, _ in target.model_quotas]
+        keys = [key for target in self.router.config.targets for key, _ in target_budgets(target)]
         reply = await self._call(self._snapshot, [self.prefix, int(self.router.config.quota_window_s * 1000), len(keys), *map(_budget_key, keys)])
         if reply is None:
             return None
