@@ -319,8 +319,7 @@ class Relay:
         self.router.started(target)
         upstream: aiohttp.ClientResponse | None = None
         verdict = False  # whether the cooldowns learnt anything from this attempt
-        settled = False
-        streamed = False  # whether content went on to the client
+        answered = False  # whether the upstream answered (its usage, as far as known, is what the budgets keep)
         try:
             credentials = await self.credentials.get(target)
             path = upstream_path(exchange, choice)
@@ -346,17 +345,13 @@ class Relay:
                     return await self._unreachable(lease, attempt, started, f"stream {reason}", whole_target=False)
                 await self._succeeded(exchange, lease, attempt, started)
                 exchange.first_event_ms = _ms_since(exchange.started)
-                streamed = True
-                response = await self._stream(exchange, upstream, stream_to, head, meter)
-                await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens))
-                settled = True
-                return response
+                answered = True
+                return await self._stream(exchange, upstream, stream_to, head, meter)
             body = await upstream.read()
             verdict = True
             await self._succeeded(exchange, lease, attempt, started)
             exchange.usage = usage.from_response(upstream.headers.get, body)
-            await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens))
-            settled = True
+            answered = True
             return Answer(upstream.status, self._response_headers(exchange, upstream), body)
         except CredentialsUnavailable as e:
             attempt.error, attempt.ms = "credentials", _ms_since(started)
@@ -373,8 +368,9 @@ class Relay:
             self.router.finished(target)
             if not verdict:
                 await self.state.release_probe(lease)
-            if not settled:  # a stream cut short by its client, else it never ran upstream and used no tokens
-                await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens) if streamed else 0)
+            # Settling twice is a no-op: a failed attempt's cooldown may already have released its reservation.
+            # One that never got an answer used no tokens (the request still counts).
+            await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens) if answered else 0)
             if upstream is not None:
                 upstream.release()
 
