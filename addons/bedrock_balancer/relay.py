@@ -82,6 +82,9 @@ RETRYABLE_STREAM_EXCEPTIONS = frozenset(
     {"throttlingException", "serviceUnavailableException", "internalServerException", "modelStreamErrorException", "modelNotReadyException"}
 )
 DROPPED_RESPONSE_HEADERS = sigv4.HOP_BY_HOP_HEADERS | {"content-length"}
+# What writing to the loopback raises once mitmproxy has hung up (the client is gone); aiohttp raises
+# RuntimeError on a closed transport.
+LOOPBACK_GONE = (ConnectionResetError, RuntimeError)
 
 
 @dataclass
@@ -461,7 +464,7 @@ class Relay:
         try:
             await response.write(eventstream.exception_frame("serviceUnavailableException", message))
             await response.write_eof()
-        except (ConnectionResetError, RuntimeError):
+        except LOOPBACK_GONE:
             pass
         return response
 
@@ -495,7 +498,7 @@ class _ClientGone(Exception):
 async def _prepare(response: web.StreamResponse, request: web.BaseRequest) -> None:
     try:
         await response.prepare(request)
-    except (ConnectionResetError, RuntimeError) as e:  # mitmproxy hung up: the client is gone
+    except LOOPBACK_GONE as e:
         raise _ClientGone() from e
 
 
@@ -504,7 +507,7 @@ async def _write_whole_frames(response: web.StreamResponse, pending: bytearray, 
     if complete > 0:
         try:
             await response.write(bytes(pending[:complete]))
-        except (ConnectionResetError, RuntimeError) as e:  # aiohttp raises RuntimeError on a closed transport
+        except LOOPBACK_GONE as e:
             raise _ClientGone() from e
         del pending[:complete]
     return pending
