@@ -61,4 +61,3 @@ class AccessLog:
                     self._file.write(json.dumps(item, separators=(",", ":")) + "\n")
                 except (OSError, TypeError, ValueError) as e:
                     log.error("bedrock-balancer: access log %s: %s", self.path, e)
-

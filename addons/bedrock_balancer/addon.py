@@ -208,7 +208,7 @@ class BedrockBalancer:
             except RuntimeError:  # no loop yet: nothing was connected
                 pass
         if self.state is not None and self.state.name != "memory":
-            log.info("bedrock-balancer: shared state in %s", state_module._safe(ctx.options.bedrock_state))
+            log.info("bedrock-balancer: shared state in %s", state_module.redacted_url(ctx.options.bedrock_state))
 
     def _configure_client_auth(self) -> None:
         config = self.config
@@ -335,7 +335,7 @@ class BedrockBalancer:
         if self.router is None:
             return json.dumps({"targets": [], "note": "no targets configured"})
         page = admin.status(self.router)
-        if self.router.shared_state is not None and hasattr(self.router.shared_state, "shared_status"):
+        if hasattr(self.router.shared_state, "shared_status"):  # as the admin listener tells a shared backend
             # A command cannot wait for Redis: say whose view this is, and where the shared one is.
             page["note"] = "cooldowns and budgets as this instance sees them; /status on the admin listener (bedrock_admin) shows the shared state"
         return json.dumps(page, indent=2)

@@ -438,13 +438,13 @@ class RedisState:
         except (redis.exceptions.RedisError, OSError) as e:  # any Redis trouble: never fail the request
             if self.degraded_since is None:
                 self.degraded_since = time.monotonic()
-                log.warning("bedrock-balancer: Redis state at %s unreachable (%s); using local state until it answers again", _safe(self.url), e)
+                log.warning("bedrock-balancer: Redis state at %s unreachable (%s); using local state until it answers again", redacted_url(self.url), e)
             self._next_check = time.monotonic() + self.recheck_s
             self.fallbacks += 1
             return None
         self.round_trips += 1
         if self.degraded_since is not None:
-            log.warning("bedrock-balancer: Redis state at %s answers again after %.1f s; back to shared state", _safe(self.url), time.monotonic() - self.degraded_since)
+            log.warning("bedrock-balancer: Redis state at %s answers again after %.1f s; back to shared state", redacted_url(self.url), time.monotonic() - self.degraded_since)
             self.degraded_since = None
             self._views.clear()
         return reply
@@ -601,7 +601,7 @@ def _budget_key(key: tuple[str, str]) -> str:
     return f"{key[0]}\0{key[1]}"
 
 
-def _safe(url: str) -> str:
+def redacted_url(url: str) -> str:
     """The URL without a password, for logs."""
     parsed = urlparse(url)
     if parsed.password:
