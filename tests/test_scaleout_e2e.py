@@ -7,7 +7,6 @@ import json
 import re
 import sys
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import benchutil as bu  # noqa: E402
+from proxyharness import wait_for  # noqa: E402
 
 PROXY_CREDENTIALS = ("AKIDPROXYSCALE", "proxy-scale-secret")
 CLIENT_CREDENTIALS = ("AKIDCLIENTSCALE", "client-secret-never-forwarded")
@@ -96,13 +96,6 @@ def gauge(proxy: bu.ProxyHandle, name: str, **labels: str) -> float:
         if line.startswith(name + wanted + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_three_instances_never_exceed_a_region_quota(upstream, instances, redis_server):
