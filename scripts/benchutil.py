@@ -248,6 +248,17 @@ class ProxyHandle:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def admin_page(self, path: str) -> bytes:
+        """A page of the instance's admin listener (started with ``--set bedrock_admin=127.0.0.1:0``)."""
+        port = re.search(r"admin listener at http://[^:]+:(\d+)", self.process.output()).group(1)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+        with opener.open(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.read()
+
+    def admin_status(self) -> dict:
+        """The instance's ``/status``."""
+        return json.loads(self.admin_page("/status"))
+
     def strategy_line(self) -> str | None:
         """The balancer's own ``bedrock-balancer: <strategy> over ...`` start-up line."""
         found = re.search(r"bedrock-balancer: (\S+ over .*)$", self.process.output(), re.M)

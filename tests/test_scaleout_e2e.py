@@ -3,11 +3,8 @@ state in a real redis-server, in front of one emulator process with quotas per r
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 import threading
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,21 +75,10 @@ def most_in_any_window(times: list[float], window: float) -> int:
     return max((sum(1 for t in times[i:] if t < start + window) for i, start in enumerate(times)), default=0)
 
 
-def admin_page(proxy: bu.ProxyHandle, path: str) -> bytes:
-    port = re.search(r"admin listener at http://[^:]+:(\d+)", proxy.process.output()).group(1)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-        return response.read()
-
-
-def admin_status(proxy: bu.ProxyHandle) -> dict:
-    return json.loads(admin_page(proxy, "/status"))
-
-
 def gauge(proxy: bu.ProxyHandle, name: str, **labels: str) -> float:
     """One sample of a gauge on the proxy's /metrics (0 when the series is absent)."""
     wanted = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"  # as prometheus_client orders them
-    for line in admin_page(proxy, "/metrics").decode().splitlines():
+    for line in proxy.admin_page("/metrics").decode().splitlines():
         if line.startswith(name + wanted + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
@@ -113,7 +99,7 @@ def test_three_instances_never_exceed_a_region_quota(upstream, instances, redis_
     for region in REGIONS:
         times = [r["ts"] for r in seen if r["region"] == region]
         assert most_in_any_window(times, EMULATOR_WINDOW_S) <= RPM
-    assert all(admin_status(p)["state"]["mode"] == "shared" for p in proxies)
+    assert all(p.admin_status()["state"]["mode"] == "shared" for p in proxies)
 
 
 def test_without_shared_state_instances_overrun_the_quota(upstream, instances):
@@ -132,7 +118,7 @@ def test_without_shared_state_instances_overrun_the_quota(upstream, instances):
     with ThreadPoolExecutor(24) as pool:
         list(pool.map(attempt, range(24)))
     assert any(r["status"] == 429 for r in records(upstream))
-    assert admin_status(proxies[0])["state"] == "memory"
+    assert proxies[0].admin_status()["state"] == "memory"
 
 
 def test_a_cooldown_learnt_by_one_instance_is_honoured_by_the_others(upstream, instances, redis_server):
@@ -146,7 +132,7 @@ def test_a_cooldown_learnt_by_one_instance_is_honoured_by_the_others(upstream, i
         assert [converse(c) for _ in range(3)] == ["us-west-2"] * 3
 
     assert [r["region"] for r in records(upstream)].count("us-east-1") == 1
-    page = admin_status(proxies[2])  # an instance that never saw the 429 shows the shared cooldown
+    page = proxies[2].admin_status()  # an instance that never saw the 429 shows the shared cooldown
     assert page["state"]["mode"] == "shared"
     assert [t["cooling_down"] for t in page["targets"]] == [True, False]
     assert [c["reason"] for c in page["cooldowns"]] == ["429 ThrottlingException"]
@@ -192,11 +178,11 @@ def test_redis_stopped_and_restarted_mid_run(upstream, instances, redis_server):
     try:
         wait_for(lambda: served[0] >= 10, 20, "traffic through shared state")
         redis_server.stop()
-        wait_for(lambda: all(admin_status(p)["state"]["mode"] == "local-fallback" for p in proxies), 20, "local fallback")
+        wait_for(lambda: all(p.admin_status()["state"]["mode"] == "local-fallback" for p in proxies), 20, "local fallback")
         during = served[0]
         wait_for(lambda: served[0] >= during + 10, 20, "traffic while Redis is down")
         redis_server.start()
-        wait_for(lambda: all(admin_status(p)["state"]["mode"] == "shared" for p in proxies), 20, "return to shared state")
+        wait_for(lambda: all(p.admin_status()["state"]["mode"] == "shared" for p in proxies), 20, "return to shared state")
         after = served[0]
         wait_for(lambda: served[0] >= after + 10, 20, "traffic after Redis is back")
     finally:
