@@ -424,7 +424,7 @@ def test_check_body(operation, content_type, body, ok):
 @pytest.mark.parametrize("host, loopback", [
     ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True), ("localhost", True),
     ("LOCALHOST.", True), ("foo.localhost", True), ("192.0.2.10", False), ("0.0.0.0", False), ("", False), ("example.com", False),
-    ("::ffff:192.0.2.1", False), ("fd00::1", False),
+    ("::ffff:192.0.2.1", False), ("fd00::1", False), ("fe80::1%lo", False), ("::1%lo", True), ("cafe.be", False), ("127.0.0.1.example", False),
 ])
 def test_is_loopback(host, loopback):
     assert clientauth.is_loopback(host) == loopback
@@ -433,6 +433,7 @@ def test_is_loopback(host, loopback):
 def test_local_addresses_are_recognised_without_resolving_names():
     assert clientauth.is_local_address("127.0.0.1") and clientauth.is_local_address("0.0.0.0") and clientauth.is_local_address("::")
     assert not clientauth.is_local_address("192.0.2.254") and not clientauth.is_local_address("localhost")
+    assert clientauth.is_local_address("[::ffff:127.0.0.1]") and not clientauth.is_local_address("bedrock-runtime.us-east-1.amazonaws.com")
     assert clientauth.is_local_listen_address("127.0.0.1") and not clientauth.is_local_listen_address("")
     assert not clientauth.is_local_listen_address("0.0.0.0")
 

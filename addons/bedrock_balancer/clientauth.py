@@ -59,7 +59,6 @@ SIGNATURE_MISMATCH_MESSAGE = (
 API_KEY_INVALID_MESSAGE = "Authentication failed: Please make sure your API Key is valid."
 
 _AMZ_DATE = re.compile(r"^\d{8}T\d{6}Z$")
-_AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
 @dataclass(frozen=True)
@@ -185,12 +184,12 @@ class Authenticator:
 
     def _check_clock(self, amz_date: str, request_time: datetime) -> None:
         now = self.now()
-        now_text = now.strftime(_AMZ_DATE_FORMAT)
+        now_text = now.strftime(sigv4.AMZ_DATE_FORMAT)
         if request_time < now - CLOCK_SKEW:
-            earliest = (now - CLOCK_SKEW).strftime(_AMZ_DATE_FORMAT)
+            earliest = (now - CLOCK_SKEW).strftime(sigv4.AMZ_DATE_FORMAT)
             raise _error("InvalidSignatureException", f"Signature expired: {amz_date} is now earlier than {earliest} ({now_text} - 15 min.)")
         if request_time > now + CLOCK_SKEW:
-            latest = (now + CLOCK_SKEW).strftime(_AMZ_DATE_FORMAT)
+            latest = (now + CLOCK_SKEW).strftime(sigv4.AMZ_DATE_FORMAT)
             raise _error("InvalidSignatureException", f"Signature not yet current: {amz_date} is still later than {latest} ({now_text} + 15 min.)")
 
 
@@ -208,7 +207,7 @@ def _request_time(headers: Sequence[tuple[str, str]]) -> tuple[str, str, datetim
         if not _AMZ_DATE.match(amz_date):
             raise _error("IncompleteSignatureException", f"Date must be in ISO-8601 'basic format'. Got '{amz_date[:40]}'.")
         try:
-            parsed = datetime.strptime(amz_date, _AMZ_DATE_FORMAT).replace(tzinfo=timezone.utc)
+            parsed = datetime.strptime(amz_date, sigv4.AMZ_DATE_FORMAT).replace(tzinfo=timezone.utc)
         except ValueError:
             raise _error("IncompleteSignatureException", f"Date must be in ISO-8601 'basic format'. Got '{amz_date}'.") from None
         return "x-amz-date", amz_date, parsed
@@ -222,7 +221,7 @@ def _request_time(headers: Sequence[tuple[str, str]]) -> tuple[str, str, datetim
         except (TypeError, ValueError, IndexError):
             parsed = None
         if parsed is not None:
-            return "date", parsed.strftime(_AMZ_DATE_FORMAT), parsed
+            return "date", parsed.strftime(sigv4.AMZ_DATE_FORMAT), parsed
     raise _error("IncompleteSignatureException", "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
 
 
@@ -247,6 +246,7 @@ QUERY_CREDENTIALS = frozenset(
     {"x-amz-algorithm", "x-amz-credential", "x-amz-signature", "x-amz-security-token", "x-amz-signedheaders", "x-amz-date"}
 )
 _TARGET_CHARS = re.compile(r"^[\x21-\x7e]*$")  # a request target is printable ASCII (RFC 3986)
+_MAY_BE_IP = re.compile(r"[0-9A-Fa-f:.]+")  # the characters of IPv4 and IPv6 addresses
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Operations whose body is a JSON document by definition.
 JSON_OPERATIONS = frozenset({CONVERSE, CONVERSE_STREAM, COUNT_TOKENS, APPLY_GUARDRAIL, START_ASYNC_INVOKE})
@@ -316,13 +316,8 @@ def is_loopback(host: str) -> bool:
     host = host.strip("[]").rstrip(".").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    address = _ip_address(host)
+    return address is not None and address.is_loopback
 
 
 def is_local_address(host: str) -> bool:
@@ -331,12 +326,9 @@ def is_local_address(host: str) -> bool:
     An interface's address is recognised by binding a socket to it, which only works for local addresses.
     Names are not resolved here (``False``).
     """
-    try:
-        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
-    except ValueError:
+    address = _ip_address(host.strip("[]"))
+    if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     if address.is_loopback or address.is_unspecified:
         return True
     family = socket.AF_INET6 if isinstance(address, ipaddress.IPv6Address) else socket.AF_INET
@@ -346,6 +338,21 @@ def is_local_address(host: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address (an IPv4-mapped IPv6 one as IPv4, a zone dropped), or None for a name."""
+    host = host.split("%", 1)[0]
+    # Every Bedrock request asks about a host name: the ValueError of ipaddress cost more than the rest.
+    if not _MAY_BE_IP.fullmatch(host):
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def is_local_listen_address(host: str) -> bool:

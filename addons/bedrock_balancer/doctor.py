@@ -46,7 +46,6 @@ EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 BEDROCK_SERVICE = "bedrock"
 CLOCK_SKEW_S = 300  # AWS's allowance between x-amz-date and its clock
 DATE_SEARCH_S = 900  # how far x-amz-date is searched when it may have been re-stamped
-AMZ_DATE = "%Y%m%dT%H%M%SZ"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -412,7 +411,7 @@ def diagnose(
         try:
             from email.utils import parsedate_to_datetime
 
-            amz_date = parsedate_to_datetime(req.header("date")).astimezone(dt.timezone.utc).strftime(AMZ_DATE)
+            amz_date = parsedate_to_datetime(req.header("date")).astimezone(dt.timezone.utc).strftime(sigv4.AMZ_DATE_FORMAT)
         except (TypeError, ValueError):
             amz_date = None
     if amz_date is None:
@@ -502,7 +501,7 @@ def structural_findings(req: Request, auth: dict, amz_date: str, region: str | N
         out.append(Finding("signed-headers", "SignedHeaders must be lower-case and sorted: " + ";".join(signed)))
     if req.received_at is not None:
         try:
-            signed_at = dt.datetime.strptime(amz_date, AMZ_DATE).replace(tzinfo=dt.timezone.utc)
+            signed_at = dt.datetime.strptime(amz_date, sigv4.AMZ_DATE_FORMAT).replace(tzinfo=dt.timezone.utc)
         except ValueError:
             out.append(Finding("date", f"X-Amz-Date {amz_date!r} is not in ISO-8601 basic format (YYYYMMDDTHHMMSSZ)"))
         else:
@@ -510,7 +509,7 @@ def structural_findings(req: Request, auth: dict, amz_date: str, region: str | N
             if abs(skew) > CLOCK_SKEW_S:
                 when = "before" if skew < 0 else "after"
                 out.append(Finding("clock", f"X-Amz-Date {amz_date} is {abs(skew):.0f} s {when} the time the proxy received the request "
-                                   f"({req.received_at.strftime(AMZ_DATE)}); AWS allows {CLOCK_SKEW_S // 60} minutes. Check the client's clock."))
+                                   f"({req.received_at.strftime(sigv4.AMZ_DATE_FORMAT)}); AWS allows {CLOCK_SKEW_S // 60} minutes. Check the client's clock."))
     return out
 
 
@@ -606,14 +605,14 @@ def find_variants(
     # X-Amz-Date re-stamped after signing (a retry layer that updates the date but not the signature).
     if "x-amz-date" in signed and req.header("x-amz-date"):
         try:
-            stamped = dt.datetime.strptime(base.amz_date, AMZ_DATE)
+            stamped = dt.datetime.strptime(base.amz_date, sigv4.AMZ_DATE_FORMAT)
         except ValueError:
             stamped = None
         if stamped is not None:
             for delta in sorted(range(-DATE_SEARCH_S, DATE_SEARCH_S + 1), key=abs):
                 if delta == 0:
                     continue
-                when = (stamped + dt.timedelta(seconds=delta)).strftime(AMZ_DATE)
+                when = (stamped + dt.timedelta(seconds=delta)).strftime(sigv4.AMZ_DATE_FORMAT)
                 headers = tuple((n, when) if n.lower() == "x-amz-date" else (n, v) for n, v in base.headers)
                 shift = f"{abs(delta)} s {'later' if delta < 0 else 'earlier'}"
                 if attempt("date", f"the client signed at X-Amz-Date {when}, but the request carries {base.amz_date}, "
