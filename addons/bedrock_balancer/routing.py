@@ -44,6 +44,18 @@ class Choice:
     raw_model_id: str | None
 
 
+@dataclass(slots=True)
+class Rotation:
+    """Smooth weighted round-robin's running weights (target name -> current weight).
+
+    ``last_step`` holds the targets the latest round-robin step went over (None when the latest choice
+    was not made by rotation): a shared state backend decides on a copy of the shared weights, then
+    applies the same step to them only if its reservation is made (see :mod:`.state`)."""
+
+    weights: dict[str, int]
+    last_step: list[Target] | None = None
+
+
 class NotYet(Exception):
     """Targets may serve the request, but none can right now; try again at ``retry_at`` (monotonic)."""
 
@@ -61,11 +73,9 @@ class Router:
         self.ledger = ledger or QuotaLedger(config.quota_window_s, clock=clock)
         self.outstanding = {t.name: 0 for t in config.targets}
         self.latency_ms: dict[str, float] = {}
-        self._current_weight = {t.name: 0 for t in config.targets}
+        self.rotation = Rotation({t.name: 0 for t in config.targets})
         self._tie_breaker = itertools.count()
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._weights = self._current_weight
-        self.last_round: list[Target] | None = None
         self.shared_state = None  # the state backend (see .state), for status pages; None: this router's own
 
     # -- eligibility ---------------------------------------------------------------------------
@@ -94,16 +104,14 @@ class Router:
     # -- choosing ------------------------------------------------------------------------------
 
     def choose(
-        self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None, *, cooldowns=None, ledger=None, weights=None
+        self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None, *, cooldowns=None, ledger=None, rotation=None
     ) -> Choice:
         """The target for this request now; raises :class:`NotYet` or a :class:`BedrockError`.
 
-        ``cooldowns``, ``ledger`` and ``weights`` (round-robin current weights) replace the router's own
-        for this decision: a shared state backend passes its view of the shared state (see :mod:`.state`),
-        and reads :attr:`last_round` (the targets a weighted round-robin step went over) to apply the
-        same step to the shared weights."""
-        self.last_round = None
-        self._weights = weights if weights is not None else self._current_weight
+        ``cooldowns``, ``ledger`` and ``rotation`` replace the router's own for this decision: a shared
+        state backend passes its view of the shared state (see :mod:`.state`)."""
+        rotation = rotation or self.rotation
+        rotation.last_step = None
         cooldowns = cooldowns or self.cooldowns
         ledger = ledger or self.ledger
         choices = self.eligible(request)
@@ -116,9 +124,9 @@ class Router:
             raise self._not_yet(choices, tokens, cooldowns, ledger)
         if affinity_key is not None and (sticky := self._sticky(affinity_key, available)) is not None:
             return sticky
-        return self._by_strategy(available, headroom)
+        return self._by_strategy(available, headroom, rotation)
 
-    def _by_strategy(self, available: list[Choice], headroom: dict[str, float | None]) -> Choice:
+    def _by_strategy(self, available: list[Choice], headroom: dict[str, float | None], rotation: Rotation) -> Choice:
         if len(available) == 1:
             return available[0]
         strategy = self.config.strategy
@@ -128,29 +136,13 @@ class Router:
             return min(available, key=lambda c: (self.latency_ms.get(c.target.name, -1.0), next(self._tie_breaker)))
         if strategy == "priority":
             best = min(c.target.priority for c in available)
-            return self._round_robin([c for c in available if c.target.priority == best])
+            return _round_robin([c for c in available if c.target.priority == best], rotation)
         if strategy == "quota":
             room = {name: 1.0 if h is None else h for name, h in headroom.items()}
             most = max(room[c.target.name] for c in available)
             # Within a hair of the best counts as a tie, so equal targets share by weight.
-            return self._round_robin([c for c in available if room[c.target.name] >= most - 1e-9])
-        return self._round_robin(available)
-
-    def _round_robin(self, choices: list[Choice]) -> Choice:
-        if len(choices) == 1:
-            return choices[0]
-        total = 0
-        best = None
-        current = self._weights
-        for choice in choices:
-            name = choice.target.name
-            current[name] = current.get(name, 0) + choice.target.weight
-            total += choice.target.weight
-            if best is None or current[name] > current[best.target.name]:
-                best = choice
-        current[best.target.name] -= total
-        self.last_round = [c.target for c in choices]
-        return best
+            return _round_robin([c for c in available if room[c.target.name] >= most - 1e-9], rotation)
+        return _round_robin(available, rotation)
 
     def _least_outstanding(self, choices: list[Choice]) -> Choice:
         def load(choice: Choice) -> float:
@@ -220,3 +212,21 @@ class Router:
             )
         listed = ", ".join(str(t) for t in self.config.targets)
         return f"bedrock-balancer: no configured target can serve {what} (targets: {listed}; check their models lists and geographies)"
+
+
+def _round_robin(choices: list[Choice], rotation: Rotation) -> Choice:
+    """Smooth weighted round-robin: every target gains its weight, the highest is chosen and pays the total."""
+    if len(choices) == 1:
+        return choices[0]
+    total = 0
+    best = None
+    current = rotation.weights
+    for choice in choices:
+        name = choice.target.name
+        current[name] = current.get(name, 0) + choice.target.weight
+        total += choice.target.weight
+        if best is None or current[name] > current[best.target.name]:
+            best = choice
+    current[best.target.name] -= total
+    rotation.last_step = [c.target for c in choices]
+    return best

@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 
 from .health import PROBE_RECHECK_S
 from .quota import Reservation, budgets_for, target_budgets
-from .routing import Choice, NotYet, Router
+from .routing import Choice, NotYet, Rotation, Router
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,8 @@ class RedisState:
                 view, fresh = _View(reply, candidates, time.monotonic()), True
                 self._remember(cache_key, view)
             try:
-                choice = router.choose(request, tokens, affinity_key, cooldowns=view, ledger=view, weights=dict(view.weights))
+                rotation = Rotation(dict(view.weights))
+                choice = router.choose(request, tokens, affinity_key, cooldowns=view, ledger=view, rotation=rotation)
             except NotYet as not_yet:
                 if fresh:
                     self._views.pop(cache_key, None)  # look again next time
@@ -481,9 +482,9 @@ class RedisState:
             index = next(i for i, c in enumerate(candidates) if c.target.name == choice.target.name)
             entry_id = secrets.token_hex(8)
             round_args = [0]
-            if router.last_round:  # the shared round-robin step, applied only if the reservation is made
-                round_args = [len(router.last_round)]
-                for target in router.last_round:
+            if rotation.last_step:  # the shared round-robin step, applied only if the reservation is made
+                round_args = [len(rotation.last_step)]
+                for target in rotation.last_step:
                     round_args += [target.name, target.weight]
             reply = await self._call(
                 self._acquire,
