@@ -30,6 +30,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -564,3 +565,15 @@ def counter_text(counter: collections.Counter, limit: int = 4) -> str:
 
 def make_workdir(prefix: str = "bedrock-bench-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_argv(binary: str, port: int, workdir: Path) -> list[str]:
+    """A throwaway redis-server on loopback: no persistence (the tests and benchmarks start it clean)."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]

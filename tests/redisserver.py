@@ -5,16 +5,14 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import benchutil as bu  # noqa: E402
 
 
 def _ping(port: int) -> bool:
@@ -37,7 +35,7 @@ class RedisServer:
             )
         self.binary = binary
         self.workdir = workdir
-        self.port = port or free_port()
+        self.port = port or bu.free_port()
         self.process: subprocess.Popen | None = None
 
     @property
@@ -47,8 +45,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> "RedisServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            bu.redis_server_argv(self.binary, self.port, self.workdir),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
