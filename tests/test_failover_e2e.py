@@ -115,9 +115,13 @@ def test_a_client_that_leaves_before_its_stream_begins_costs_nothing_more(emu, p
     assert proxy.balancer.router.cooldowns.snapshot() == []
 
 
-def test_no_region_is_tried_for_a_client_that_has_left(emu, proxy_factory, client_via_proxy):
+def test_no_region_is_tried_for_a_client_that_has_left(emu, proxy_factory, client_via_proxy, monkeypatch):
     from botocore.config import Config
 
+    from bedrock_balancer import addon
+
+    # An attempt that fails just after its client left, before the client watch looks again.
+    monkeypatch.setattr(addon, "CLIENT_WATCH_INTERVAL_S", 60)
     proxy = proxy_factory(two_regions(emu, timeouts={"read_s": 1}))
     client = client_via_proxy(proxy, config=Config(retries={"total_max_attempts": 1}, read_timeout=0.3))
     emu.set_mode("us-east-1", "stall")
@@ -129,6 +133,27 @@ def test_no_region_is_tried_for_a_client_that_has_left(emu, proxy_factory, clien
     assert [r.region for r in emu.requests] == ["us-east-1"]  # us-west-2 was not asked for nobody
     assert "the client went away after 1 attempts" in record["error"]
     assert [a["error"] for a in record["attempts"]] == ["timed out"]
+
+
+def test_a_client_that_leaves_abandons_the_attempt_in_flight(emu, proxy_factory, client_via_proxy):
+    from botocore.config import Config
+
+    # us-east-1 would keep the proxy waiting for 30 s; the app gives up after 0.3 s.
+    proxy = proxy_factory(two_regions(emu, timeouts={"read_s": 30}))
+    client = client_via_proxy(proxy, config=Config(retries={"total_max_attempts": 1}, read_timeout=0.3))
+    emu.set_mode("us-east-1", "stall")
+
+    with pytest.raises(ReadTimeoutError):
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    (record,) = proxy.wait_for_records(1, timeout=10)  # the proxy stopped waiting long before us-east-1's 30 s
+
+    assert record["status"] is None and "the client went away after 1 attempts" in record["error"]
+    assert [(a["region"], a["error"]) for a in record["attempts"]] == [("us-east-1", "abandoned")]
+    assert run_in_proxy(proxy, lambda: sum(proxy.balancer.router.outstanding.values())) == 0
+    emu.release_all()
+    # No other region was asked on its behalf, and us-east-1 is not blamed for the client's leaving.
+    assert [r.region for r in emu.requests] == ["us-east-1"]
+    assert proxy.balancer.router.cooldowns.snapshot() == []
 
 
 def test_a_client_that_leaves_while_every_region_cools_down_is_not_served_later(emu, proxy_factory, client_via_proxy):

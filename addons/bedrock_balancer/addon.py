@@ -31,7 +31,7 @@ from mitmproxy.proxy import mode_specs
 from . import accesslog, admin, affinity, classify, clientauth, config as config_module, contentview, quota
 from .credentials import CredentialStore
 from .errors import BedrockError
-from .relay import EVENT_STREAM, EXCHANGE_HEADER, LOOPBACK_SERVER, Exchange, Relay, forwardable_headers, redacted, upstream_path
+from .relay import EVENT_STREAM, EXCHANGE_HEADER, LOOPBACK_SERVER, Exchange, Relay, forwardable_headers, note_client_left, redacted, upstream_path
 from . import state as state_module
 from .routing import Router
 
@@ -50,6 +50,7 @@ DEFAULT_MAX_BODY = 25 * 1024 * 1024
 # answers a plain 413 instead of buffering more) is set this far above bedrock_max_body, so no body can
 # exhaust memory while every body up to it still gets a Bedrock-format 413.
 BODY_BACKSTOP_HEADROOM = 64 * 1024 * 1024
+CLIENT_WATCH_INTERVAL_S = 0.5  # how soon a whole answer's wait notices that its client has left
 FAILURE_MARKER = ":warning:"
 FAILOVER_MARKER = ":repeat:"
 
@@ -65,6 +66,8 @@ class _FlowState:
     exchange: Exchange | None = None  # once classified
     relay_token: str | None = None  # streamed flows: the relay's handle on the exchange
     reservation: tuple | None = None  # under per-client limits: (reservation, tokens reserved)
+    waiting: asyncio.Task | None = None  # whole answers: the request hook's task while it waits for the relay
+    client_left: bool = False  # the client watch cancelled that wait
 
 
 class BedrockBalancer:
@@ -83,6 +86,7 @@ class BedrockBalancer:
         self.admin: admin.AdminServer | None = None
         self._running = False
         self._body_backstop: str | None = None
+        self._client_watch: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -299,6 +303,7 @@ class BedrockBalancer:
 
     async def running(self) -> None:
         self._running = True
+        self._client_watch = asyncio.get_running_loop().create_task(self._watch_clients(), name="bedrock-balancer client watch")
         _spare_legacy_log_hook()
         self._configure_body_limit()  # configure() sees only the options that were set; this one has a default
         if self.config is None:
@@ -356,6 +361,8 @@ class BedrockBalancer:
         return ssl.create_default_context(cafile=cafile or None, capath=capath or None)
 
     async def done(self) -> None:
+        if self._client_watch is not None:
+            self._client_watch.cancel()
         if self.admin is not None:
             await self.admin.close()
         if self.relay is not None:
@@ -486,19 +493,46 @@ class BedrockBalancer:
             return
         state.exchange = exchange
         if not exchange.request.streaming:
-            # mitmproxy sends a non-streamed answer whole anyway: the relay's client fetches it (with
-            # failover) and the flow gets it here, with no loopback hop and no upstream connection of
-            # mitmproxy's own.
-            answer = await self.relay.run(exchange)
-            flow.response = _response(answer.status, answer.headers, answer.body)
-            self._show_upstream_request(flow, exchange)
-            self._annotate(flow, exchange)  # now, so that flows saved by -w (before our response hook) carry it
+            await self._whole_answer(flow, state, exchange)
             return
         state.relay_token = self.relay.register(exchange)
         flow.request.scheme, flow.request.host, flow.request.port = "http", *self.relay.address
         # Only the client's forwardable headers (and Host) travel even the loopback hop: not its credentials.
         keep = {n.lower() for n, _ in exchange.headers} | {"host", "content-length", "transfer-encoding"}
         flow.request.headers = _headers([(n, v) for n, v in request.headers if n.lower() in keep] + [(EXCHANGE_HEADER, state.relay_token)])
+
+    async def _whole_answer(self, flow: http.HTTPFlow, state: _FlowState, exchange: Exchange) -> None:
+        """mitmproxy sends a non-streamed answer whole anyway: the relay's client fetches it (with failover)
+        and the flow gets it here, with no loopback hop and no upstream connection of mitmproxy's own."""
+        state.waiting = task = asyncio.current_task()
+        try:
+            answer = await self.relay.run(exchange)
+        except asyncio.CancelledError:
+            if not state.client_left:
+                raise  # the proxy is stopping
+            task.uncancel()
+            note_client_left(exchange)
+            self._show_upstream_request(flow, exchange)
+            flow.kill()  # nobody to answer; the error hook records it
+            return
+        finally:
+            state.waiting = None
+        flow.response = _response(answer.status, answer.headers, answer.body)
+        self._show_upstream_request(flow, exchange)
+        self._annotate(flow, exchange)  # now, so that flows saved by -w (before our response hook) carry it
+
+    async def _watch_clients(self) -> None:
+        """Stop waiting for a whole answer once its client has left: the attempt in flight is dropped, its
+        upstream connection closed, rather than run to its end (or to the read timeout) for nobody.
+
+        mitmproxy marks a client connection closed as soon as it reads its end, but the flow hears of it
+        only once the request hook returns; so the hooks that wait are checked, a few times a second."""
+        while True:
+            await asyncio.sleep(CLIENT_WATCH_INTERVAL_S)
+            for state in self._flows.values():
+                if state.waiting is not None and not state.client_left and state.exchange.client_gone():
+                    state.client_left = True
+                    state.waiting.cancel()
 
     def _check_request(self, flow: http.HTTPFlow, request: RequestView) -> None:
         """Hygiene, size and client authentication, on the request exactly as the client sent it."""

@@ -191,6 +191,11 @@ def redacted(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return shown
 
 
+def note_client_left(exchange: Exchange) -> None:
+    """The exchange's error once its client has gone: the relay stopped for nobody, and when."""
+    exchange.error = f"the client went away after {len(exchange.attempts)} attempts; no more were made"
+
+
 class Relay:
     def __init__(self, config: Config, router: Router, credentials: CredentialStore, ssl_context: ssl.SSLContext, state=None):
         self.config = config
@@ -279,7 +284,7 @@ class Relay:
                 break
         answer = self._give_up(exchange, failure)
         if exchange.client_gone():
-            exchange.error = f"the client went away after {len(exchange.attempts)} attempts; no more were made"
+            note_client_left(exchange)
         return answer
 
     async def _choose(self, exchange: Exchange, deadline: float) -> tuple[Choice, Lease] | None:
@@ -359,6 +364,11 @@ class Relay:
         except CredentialsUnavailable as e:
             attempt.error, attempt.ms = "credentials", _ms_since(started)
             return Failure(str(e))
+        except asyncio.CancelledError:
+            # The client left (see the addon's client watch), or the proxy is stopping: the attempt is
+            # dropped, its connection closed; no verdict on the target, which may be healthy.
+            attempt.error, attempt.ms = "abandoned", _ms_since(started)
+            raise
         except TimeoutError:
             verdict = True
             if exchange.request.streaming:
