@@ -60,6 +60,33 @@ def test_failed_probe_opens_the_circuit_longer():
     assert second >= 1.0 and cooldowns.snapshot()[0]["failures"] == 2
 
 
+def test_a_throttle_on_the_target_wide_probe_closes_that_circuit_and_cools_the_model():
+    clock = Clock()
+    cooldowns = Cooldowns(base_s=1, max_s=1, rng=random.Random(0), clock=clock)
+    cooldowns.failed("use1", "m", "connection refused", whole_target=True)
+    clock.now += 1.01
+    assert cooldowns.begin("use1", "m") is True  # the target-wide probe ...
+    cooldowns.failed("use1", "m", "429 ThrottlingException")  # ... is answered: the target is reachable
+    assert cooldowns.available("use1", "other-model")  # not stuck behind a probe that has had its verdict
+    assert not cooldowns.available("use1", "m")
+    clock.now += 1.01
+    assert cooldowns.available("use1", "m")
+    assert [c["model"] for c in cooldowns.snapshot()] == ["m"]
+
+
+def test_a_connection_failure_on_a_model_probe_ends_that_probe():
+    clock = Clock()
+    cooldowns = Cooldowns(base_s=1, max_s=1, rng=random.Random(0), clock=clock)
+    cooldowns.failed("use1", "m", "429 ThrottlingException")
+    clock.now += 1.01
+    assert cooldowns.begin("use1", "m") is True  # the model's probe ...
+    cooldowns.failed("use1", "m", "connection refused", whole_target=True)  # ... finds the whole target down
+    assert not cooldowns.available("use1", "m") and not cooldowns.available("use1", "other-model")
+    clock.now += 1.01
+    assert cooldowns.available("use1", "m")  # the next request may probe again
+    assert cooldowns.begin("use1", "m") is True
+
+
 def test_retry_after_wins_over_backoff():
     clock = Clock()
     cooldowns = Cooldowns(base_s=1, clock=clock)

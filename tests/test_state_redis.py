@@ -149,6 +149,33 @@ def test_whole_target_failure_cools_every_model(redis_server):
     run(_closing([a, b], body))
 
 
+def test_a_probe_that_fails_for_another_reason_does_not_wedge_the_target(redis_server):
+    targets = [{"region": "us-east-1"}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+    other_model = classify("POST", "/model/amazon.nova-lite-v1:0/converse", HOST, None, None)
+
+    async def body():
+        _, lease = await a.acquire(converse(), 1, None)
+        await a.failed(lease, "connection refused", whole_target=True, retry_after_s=0)
+        _, probe = await a.acquire(converse(), 1, None)  # the target-wide probe, answered by a throttle
+        assert probe.probe
+        await a.failed(probe, "429 ThrottlingException", retry_after_s=60)
+        _, lease = await b.acquire(other_model, 1, None)  # the target answered: other models go at once
+        assert not lease.probe
+        with pytest.raises(NotYet):
+            await b.acquire(converse(), 1, None)  # the throttled model cools down
+
+        _, lease = await a.acquire(other_model, 1, None)
+        await a.failed(lease, "429 ThrottlingException", retry_after_s=0)
+        _, probe = await a.acquire(other_model, 1, None)  # that model's probe finds the target down
+        assert probe.probe
+        await a.failed(probe, "connection refused", whole_target=True, retry_after_s=0)
+        _, again = await b.acquire(other_model, 1, None)  # a new probe, at once: the old one has had its verdict
+        assert again.probe
+
+    run(_closing([a, b], body))
+
+
 def test_every_key_expires_and_a_request_costs_two_round_trips(redis_server):
     targets = [{"region": "us-east-1", "rpm": 100, "tpm": 100000, "model_quotas": {"anthropic.*": {"rpm": 50}}}, {"region": "us-west-2", "rpm": 100}]
     a = instance(redis_server.url, targets)

@@ -84,8 +84,18 @@ class Cooldowns:
             self._circuits.pop(key, None)
 
     def failed(self, target: str, model: str | None, reason: str, whole_target: bool = False, retry_after_s: float | None = None) -> float:
-        """Cool ``target`` down after a failure; returns the cooldown in seconds."""
-        key = (target, ANY_MODEL) if whole_target or not model else (target, model)
+        """Cool ``target`` down after a failure; returns the cooldown in seconds.
+
+        The attempt was the verdict on every circuit it passed through. A failure of the whole target also
+        ends a probe on the model's circuit (which may probe again once the target is back). A failure for
+        the model means the target answered: whatever had cooled the whole target is over."""
+        whole = whole_target or not model
+        key = (target, ANY_MODEL) if whole else (target, model)
+        other = self._circuits.get((target, model) if whole else (target, ANY_MODEL)) if model else None
+        if other is not None and whole:
+            other.probing = False
+        elif other is not None:
+            del self._circuits[(target, ANY_MODEL)]
         circuit = self._circuits.setdefault(key, Circuit())
         circuit.failures += 1
         circuit.probing = False
@@ -96,7 +106,6 @@ class Cooldowns:
             backoff = min(self.base_s * 2 ** (circuit.failures - 1), self.max_s)
             cooldown = backoff * (0.5 + self._rng.random() / 2)  # "equal jitter": between half and all of it
         circuit.open_until = self.clock() + cooldown
-        # A failure on a model-specific key does not end an earlier probe on the target-wide key.
         return cooldown
 
     def release_probe(self, target: str, model: str | None) -> None:

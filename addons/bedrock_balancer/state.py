@@ -289,7 +289,8 @@ end
 return 1
 """
 
-# ARGV: prefix, circuit key suffix, reason, base_ms, max_ms, rand, retry_after_ms (-1: none), entry id, nkeys, keys...
+# ARGV: prefix, circuit key suffix, reason, base_ms, max_ms, rand, retry_after_ms (-1: none), entry id, nkeys, keys...,
+# the other circuit the attempt passed through (key suffix, or ''), and what its verdict does to it ('close' or 'end-probe')
 _FAILED = _COMMON + """
 local prefix, ck = ARGV[1], ARGV[1] .. 'c:' .. ARGV[2]
 local base, maxms, rand, ra = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -307,6 +308,12 @@ local n = tonumber(ARGV[9])
 local keys = {}
 for k = 1, n do keys[k] = ARGV[9 + k] end
 if ARGV[8] ~= '' then settle(prefix, ARGV[8], 0, keys) end
+local other, verdict = ARGV[10 + n], ARGV[11 + n]
+if other ~= '' then
+  local ok = prefix .. 'c:' .. other
+  if verdict == 'close' then redis.call('DEL', ok)
+  elseif redis.call('EXISTS', ok) == 1 then redis.call('HSET', ok, 'p', 0) end
+end
 return cooldown
 """
 
@@ -522,12 +529,15 @@ class RedisState:
         if lease.local:
             return await self.local.failed(lease, reason, whole_target, retry_after_s)
         retry = self.router.config.retry
-        model = "*" if whole_target or not lease.choice.model_id else lease.choice.model_id
+        target, model = lease.choice.target.name, lease.choice.model_id
+        whole = whole_target or not model
+        # As Cooldowns.failed: the attempt's verdict on the other circuit it passed through.
+        other = ("", "") if not model else (f"{target}\0{model}", "end-probe") if whole else (f"{target}\0*", "close")
         settle_id = "" if lease.settled else lease.entry_id
         args = [
-            self.prefix, f"{lease.choice.target.name}\0{model}", reason, int(retry.cooldown_base_s * 1000), int(retry.cooldown_max_s * 1000),
+            self.prefix, f"{target}\0{'*' if whole else model}", reason, int(retry.cooldown_base_s * 1000), int(retry.cooldown_max_s * 1000),
             repr(self._rng.random()), -1 if retry_after_s is None or retry_after_s < 0 else int(retry_after_s * 1000),
-            settle_id, len(lease.budget_keys), *lease.budget_keys,
+            settle_id, len(lease.budget_keys), *lease.budget_keys, *other,
         ]
         reply = await self._call(self._failed, args)
         if reply is None:
