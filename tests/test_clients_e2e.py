@@ -143,6 +143,11 @@ def test_console_script_serves_boto3_through_https_proxy(emu, tmp_path, monkeypa
         regions = [client.converse(modelId="amazon.nova-lite-v1:0", messages=[{"role": "user", "content": [{"text": "hi"}]}])
                    ["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"] for _ in range(2)]
         assert regions == ["us-east-1", "us-west-2"]
+        # Other hosts are tunnelled untouched: the emulator's own certificate verifies, not mitmproxy's.
+        other_port = emu.endpoint_url("eu-west-1").rsplit(":", 1)[1]
+        tunnelled = run(["curl", "--silent", "--show-error", "-x", f"http://127.0.0.1:{port}", "--cacert", emu.ca_path,
+                         f"https://localhost:{other_port}/_emulator/requests"], {})
+        assert tunnelled.returncode == 0, tunnelled.stderr
     finally:
         process.terminate()
         output = process.communicate(timeout=10)[0]

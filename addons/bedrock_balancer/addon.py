@@ -305,7 +305,10 @@ class BedrockBalancer:
         self._running = True
         self._client_watch = asyncio.get_running_loop().create_task(self._watch_clients(), name="bedrock-balancer client watch")
         _spare_legacy_log_hook()
-        self._configure_body_limit()  # configure() sees only the options that were set; this one has a default
+        # configure() sees only the options that were set: these two must also hold with the defaults
+        # (bedrock-balancer adds this addon after mitmproxy has applied the command line).
+        self._configure_body_limit()
+        self._limit_interception()
         if self.config is None:
             log.warning("bedrock-balancer: no targets configured; set bedrock_config or bedrock_regions")
             return
