@@ -104,6 +104,9 @@ def test_a_client_that_leaves_before_its_stream_begins_costs_nothing_more(emu, p
         client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
     (record,) = proxy.wait_for_records(1)
     assert record["region"] == "us-east-1" and "client disconnected" in record["error"].lower()
+    assert record["stream"] == "client-gone"
+    (attempt,) = record["attempts"]
+    assert attempt["error"] == "abandoned" and attempt["ms"] >= 400  # the app waited 0.5 s for it
 
     # The proxy stops working for it at once: nothing in flight, although us-east-1 would stall for 30 s ...
     in_flight = lambda: run_in_proxy(proxy, lambda: sum(proxy.balancer.router.outstanding.values()))  # noqa: E731
@@ -224,6 +227,22 @@ def test_a_stream_cut_after_content_ends_with_an_error_never_a_clean_end(emu, pr
     assert any("contentBlockDelta" in e for e in received)  # content had reached the client: no retry
     record = proxy.wait_for_records(1)[0]
     assert record["stream"] == "truncated" and len(record["attempts"]) == 1 and "broke" in record["error"]
+    assert record["attempts"][0]["error"] == "stream broke off"
+
+
+def test_a_region_whose_streams_break_off_is_cooled_down(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "cooldown_base_s": 30, "cooldown_max_s": 30}))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "stream_cut")
+
+    with pytest.raises(EventStreamError):  # round-robin starts with us-east-1, whose stream breaks off
+        list(client.converse_stream(modelId=CLAUDE, messages=MESSAGES)["stream"])
+    # The next streams go to us-west-2 while us-east-1 cools down, although round-robin would alternate.
+    served = [served_region(client.converse_stream(modelId=CLAUDE, messages=MESSAGES)) for _ in range(2)]
+
+    assert served == ["us-west-2", "us-west-2"]
+    (cooling,) = proxy.balancer.router.cooldowns.snapshot()
+    assert cooling["model"] == CLAUDE and "stream broke off" in cooling["reason"]
 
 
 def test_when_every_target_cools_down_the_request_waits_for_the_first_to_recover(emu, proxy_factory, client_via_proxy):

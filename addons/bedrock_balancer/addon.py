@@ -652,9 +652,14 @@ class BedrockBalancer:
         contentview.attach_copy(flow)
         message = flow.error.msg if flow.error else "error"
         exchange = state.exchange
-        if exchange is not None and exchange.request.streaming and exchange.stream_outcome is None and exchange.status == 200:
-            # The stream had begun; mitmproxy gave up on it before the relay saw its end.
-            exchange.stream_outcome = "client-gone" if "client" in message.lower() else "truncated"
+        if exchange is not None and exchange.request.streaming and exchange.stream_outcome is None:
+            # mitmproxy gave up on the stream before the relay saw its end. If the client left, the relay's
+            # attempt in flight is cancelled once mitmproxy hangs up the loopback: after this record is made.
+            client_left = "client" in message.lower()
+            if client_left and exchange.attempts:
+                exchange.attempts[-1].abandon()
+            if client_left or exchange.status == 200:
+                exchange.stream_outcome = "client-gone" if client_left else "truncated"
         self._finish(flow, state, error=(exchange.error if exchange else None) or message)
 
     def _exchange(self, flow: http.HTTPFlow) -> Exchange | None:

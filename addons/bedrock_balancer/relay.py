@@ -94,6 +94,13 @@ class Attempt:
     status: int | None = None
     ms: float = 0.0
     error: str | None = None
+    started: float = field(default_factory=time.monotonic, repr=False)  # monotonic
+
+    def abandon(self) -> None:
+        """The client left before this attempt had an outcome (an answer, or a stream's first event): it is
+        dropped, and blames no target."""
+        if self.error is None and not self.ms:  # every outcome sets ms
+            self.error, self.ms = "abandoned", _ms_since(self.started)
 
     def as_log(self) -> dict:
         entry = {"target": self.target, "region": self.region, "status": self.status, "ms": round(self.ms, 1)}
@@ -323,7 +330,7 @@ class Relay:
         target = choice.target
         attempt = Attempt(target.name, target.region)
         exchange.attempts.append(attempt)
-        started = time.monotonic()
+        started = attempt.started
         self.router.started(target)
         upstream: aiohttp.ClientResponse | None = None
         verdict = False  # whether the cooldowns learnt anything from this attempt
@@ -354,7 +361,7 @@ class Relay:
                 await self._succeeded(exchange, lease, attempt, started)
                 exchange.first_event_ms = _ms_since(exchange.started)
                 answered = True
-                return await self._stream(exchange, upstream, stream_to, head, meter)
+                return await self._stream(exchange, lease, upstream, stream_to, head, meter)
             body = await upstream.read()
             verdict = True
             await self._succeeded(exchange, lease, attempt, started)
@@ -365,9 +372,9 @@ class Relay:
             attempt.error, attempt.ms = "credentials", _ms_since(started)
             return Failure(str(e))
         except asyncio.CancelledError:
-            # The client left (see the addon's client watch), or the proxy is stopping: the attempt is
-            # dropped, its connection closed; no verdict on the target, which may be healthy.
-            attempt.error, attempt.ms = "abandoned", _ms_since(started)
+            # The client left (the addon's client watch, or mitmproxy hanging up the loopback), or the proxy
+            # is stopping: the attempt is dropped, its connection closed; no verdict on the target.
+            attempt.abandon()
             raise
         except TimeoutError:
             verdict = True
@@ -435,7 +442,8 @@ class Relay:
         return head, meter
 
     async def _stream(
-        self, exchange: Exchange, upstream: aiohttp.ClientResponse, request: web.BaseRequest, head: bytearray, meter: "usage.StreamMeter"
+        self, exchange: Exchange, lease: Lease, upstream: aiohttp.ClientResponse, request: web.BaseRequest, head: bytearray,
+        meter: "usage.StreamMeter",
     ) -> web.StreamResponse:
         """Pipe the event stream to the client frame by frame; a broken upstream ends it with an error frame."""
         response = web.StreamResponse(status=upstream.status, headers=self._response_headers(exchange, upstream))
@@ -457,19 +465,25 @@ class Relay:
             exchange.usage = meter.usage
             return response
         except (aiohttp.ClientError, TimeoutError) as e:
-            return await self._end_broken_stream(exchange, response, meter, f"{type(e).__name__}")
+            return await self._end_broken_stream(exchange, lease, response, meter, f"{type(e).__name__}")
         exchange.usage = meter.usage
         if pending or meter.corrupt:
-            return await self._end_broken_stream(exchange, response, meter, "the upstream ended in the middle of an event")
+            return await self._end_broken_stream(exchange, lease, response, meter, "the upstream ended in the middle of an event")
         exchange.stream_outcome = f"exception:{meter.exception}" if meter.exception else "complete"
         await response.write_eof()
         return response
 
-    async def _end_broken_stream(self, exchange: Exchange, response: web.StreamResponse, meter, why: str) -> web.StreamResponse:
+    async def _end_broken_stream(self, exchange: Exchange, lease: Lease, response: web.StreamResponse, meter, why: str) -> web.StreamResponse:
         exchange.stream_outcome = "truncated"
         exchange.usage = meter.usage
         target = exchange.target
         exchange.error = f"upstream stream from {target} broke after {meter.frames} events: {why}"
+        exchange.attempts[-1].error = "stream broke off"
+        # Too late to fail over this answer, but the target is cooled down for the model, as one whose stream
+        # breaks before its first event is, so that the next requests go elsewhere meanwhile. What the
+        # answer used so far stays in the budgets.
+        await self.state.settle(lease, meter.usage.total(unknown=exchange.tokens))
+        await self.state.failed(lease, f"stream broke off after {meter.frames} events ({why})")
         message = f"bedrock-balancer: the answer from {target} broke off after {meter.frames} events ({why}); it is incomplete"
         try:
             await response.write(eventstream.exception_frame("serviceUnavailableException", message))
