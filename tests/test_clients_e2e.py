@@ -155,6 +155,17 @@ def test_console_script_serves_boto3_through_https_proxy(emu, tmp_path, monkeypa
     assert PROXY_KEY not in output and CLIENT_KEY not in output
 
 
+def test_an_admin_address_it_cannot_listen_on_stops_startup_naming_the_option(tmp_path, emu):
+    config = write_config(tmp_path / "balancer.yaml", {"targets": targets_for(emu, ["us-east-1"])})
+    process = start_console_script(
+        ["--set", f"bedrock_config={config}", "--set", f"confdir={tmp_path}", "-p", "0",
+         "--set", "bedrock_admin=192.0.2.1:9090"], {},  # TEST-NET-1: no address of this machine
+    )
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode != 0
+    assert "bedrock_admin: cannot listen on 192.0.2.1:9090" in output and "Traceback" not in output
+
+
 @pytest.mark.parametrize(
     "config_text, message",
     [

@@ -70,3 +70,21 @@ def test_bad_files(tmp_path):
         config.load_file(str(bad))
     with pytest.raises(config.ConfigError, match="bedrock_regions: 'us-eest-1'"):
         config.from_regions("us-east-1,us-eest-1")
+
+
+@pytest.mark.parametrize("typo, suggestion", [
+    ("us-esat-1", "(did you mean us-east-1?)"),  # letters swapped: one typo
+    ("us-eest-1", "(did you mean us-east-1 or us-west-1?)"),  # one letter off from either
+    ("eu-wset-1", "(did you mean eu-west-1?)"),
+    ("useast-1", "(did you mean us-east-1?)"),
+])
+def test_an_unknown_region_suggests_the_closest_known_ones(typo, suggestion):
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_regions(typo)
+    assert suggestion in str(caught.value)
+
+
+def test_a_region_far_from_every_known_one_gets_no_suggestion():
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_regions("xx-nowhere-9")
+    assert "did you mean" not in str(caught.value)

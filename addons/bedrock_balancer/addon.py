@@ -334,7 +334,12 @@ class BedrockBalancer:
         if not ctx.options.bedrock_admin:
             return
         self.admin = admin.AdminServer(self.router, self.metrics)
-        await self.admin.start(*admin.parse_listen_address(ctx.options.bedrock_admin))
+        try:
+            await self.admin.start(*admin.parse_listen_address(ctx.options.bedrock_admin))
+        except OSError as e:  # in use, or not an address of this machine
+            self.admin = None
+            log.error("bedrock-balancer: bedrock_admin: cannot listen on %s: %s", ctx.options.bedrock_admin, e.strerror or e)
+            return
         log.info("bedrock-balancer: admin listener at http://%s:%s/metrics and /status", *self.admin.address[:2])
 
     @command.command("bedrock.status")

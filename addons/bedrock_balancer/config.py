@@ -10,7 +10,6 @@ here too. A secret may be written in the file, or named by ``*_env`` (an environ
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
 import os
@@ -268,9 +267,29 @@ def _check_region(region: object, where: str, endpoint_given: bool) -> None:
     # A typo such as us-eest-1 must not silently become a target that never answers. A region newer
     # than the installed botocore is accepted when the target names its endpoint_url explicitly.
     if not endpoint_given and region not in known_regions():
-        close = difflib.get_close_matches(region, known_regions(), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        close = _closest(region, known_regions())
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ConfigError(f"{where}: {region!r} is not a region botocore knows{hint}; give endpoint_url to use it anyway")
+
+
+def _closest(word: str, candidates) -> list[str]:
+    """The candidates fewest typos away from ``word`` (at most two), all of them if several tie."""
+    distances = {candidate: _typos(word, candidate) for candidate in candidates}
+    fewest = min(distances.values(), default=3)
+    return sorted(c for c, d in distances.items() if d == fewest) if fewest <= 2 else []
+
+
+def _typos(a: str, b: str) -> int:
+    """Edits from ``a`` to ``b``, a swap of neighbours counting as one (optimal string alignment distance)."""
+    rows = [list(range(len(b) + 1))]
+    for i, x in enumerate(a, 1):
+        row = [i]
+        for j, y in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (x != y)))
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def _parse_endpoint(value: object, where: str) -> str:
