@@ -76,7 +76,7 @@ def test_bad_files(tmp_path):
     ("us-esat-1", "(did you mean us-east-1?)"),  # letters swapped: one typo
     ("us-eest-1", "(did you mean us-east-1 or us-west-1?)"),  # one letter off from either
     ("eu-wset-1", "(did you mean eu-west-1?)"),
-    ("useast-1", "(did you mean us-east-1?)"),
+    ("us-wst-2", "(did you mean us-west-2?)"),
 ])
 def test_an_unknown_region_suggests_the_closest_known_ones(typo, suggestion):
     with pytest.raises(config.ConfigError) as caught:
