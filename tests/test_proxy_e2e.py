@@ -215,6 +215,17 @@ def test_no_eligible_target_is_a_validation_exception(emu, proxy_factory, client
     assert emu.requests == []
 
 
+def test_a_request_to_a_fips_endpoint_is_not_sent_to_a_plain_one(emu, proxy_factory, client_via_proxy):
+    from botocore.config import Config
+
+    client = client_via_proxy(proxy_factory({"targets": targets_for(emu, ["us-east-1"])}),
+                              config=Config(use_fips_endpoint=True, retries={"total_max_attempts": 1}))
+
+    with pytest.raises(client.exceptions.ValidationException, match="sent to a FIPS endpoint, and no configured target is one"):
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    assert emu.requests == []
+
+
 def test_models_allow_list_restricts_targets(emu, proxy_factory, client_via_proxy):
     targets = targets_for(emu, ["us-east-1", "us-west-2"], **{"us-west-2": {"models": ["amazon.*"]}})
     client = client_via_proxy(proxy_factory({"targets": targets}))

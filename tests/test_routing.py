@@ -60,6 +60,25 @@ def test_region_bound_without_a_target_in_that_region_is_explained():
         r.choose(request)
 
 
+def test_requests_stay_in_their_partition():
+    r = router([{"region": "us-east-1"}, {"region": "cn-north-1"}, {"region": "cn-northwest-1"}, {"region": "us-gov-west-1"}])
+    china = converse("amazon.nova-lite-v1%3A0", host="bedrock-runtime.cn-north-1.amazonaws.com.cn")
+    assert {r.choose(china).target.region for _ in range(4)} == {"cn-north-1", "cn-northwest-1"}
+    assert {r.choose(converse("amazon.nova-lite-v1%3A0")).target.region for _ in range(4)} == {"us-east-1"}
+    with pytest.raises(BedrockError, match="from eu-isoe-west-1 .* partitions"):
+        r.choose(converse("amazon.nova-lite-v1%3A0", host="bedrock-runtime.eu-isoe-west-1.amazonaws.com"))
+
+
+def test_requests_to_a_fips_endpoint_go_only_to_fips_targets():
+    fips_host = "bedrock-runtime-fips.us-east-1.amazonaws.com"
+    r = router([{"region": "us-east-1"}, {"region": "us-west-2", "endpoint_url": "https://bedrock-runtime-fips.us-west-2.amazonaws.com"}])
+    assert {r.choose(converse(host=fips_host)).target.region for _ in range(4)} == {"us-west-2"}
+    assert {r.choose(converse()).target.region for _ in range(4)} == {"us-east-1", "us-west-2"}  # FIPS serves anyone
+    plain = router([{"region": "us-east-1"}])
+    with pytest.raises(BedrockError, match="sent to a FIPS endpoint, and no configured target is one"):
+        plain.choose(converse(host=fips_host))
+
+
 def test_profiles_need_a_matching_geography_unless_crossing_is_allowed():
     targets = [{"region": "eu-west-1"}, {"region": "ap-northeast-1"}]
     with pytest.raises(BedrockError, match="no configured target"):

@@ -599,6 +599,7 @@ class BedrockBalancer:
         bedrock_request = classify.classify(
             request.method, request.raw_path, "" if reverse else host, request.header("authorization"),
             request.header(classify.GUARDRAIL_HEADER), fallback_region=classify.host_region(host) if reverse else None,
+            fips=classify.is_fips_host(host),
         )
         clientauth.check_body(bedrock_request.operation, request.headers, body)
         bedrock_request = classify.with_body(bedrock_request, body)

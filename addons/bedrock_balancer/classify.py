@@ -131,6 +131,7 @@ class BedrockRequest:
     raw_model_id: str | None  # the path segment exactly as the client sent it
     client_region: str | None  # from the host the client addressed, else from its credential scope
     region_bound_reason: str | None  # why the request must stay in client_region; None if it may move
+    fips: bool = False  # the client addressed a FIPS endpoint: only FIPS targets may serve it
 
     @property
     def balanceable(self) -> bool:
@@ -151,6 +152,11 @@ def is_bedrock_host(host: str) -> bool:
     return BEDROCK_HOST.match(host) is not None
 
 
+def is_fips_host(host: str) -> bool:
+    match = BEDROCK_HOST.match(host)
+    return match is not None and "bedrock-runtime-fips." in host.lower()
+
+
 def scope_region(authorization: str | None) -> str | None:
     if not authorization:
         return None
@@ -168,17 +174,22 @@ def classify(
     guardrail_header: str | None,
     fallback_region: str | None = None,
     body: bytes | RequestBody = b"",
+    fips: bool = False,
 ) -> BedrockRequest:
-    """Classify a request, or raise :class:`BedrockError` for one the proxy will not forward."""
+    """Classify a request, or raise :class:`BedrockError` for one the proxy will not forward.
+
+    ``fips``: the client addressed a FIPS endpoint (in reverse mode ``host`` is not the one it addressed)."""
     path = raw_path.split("?", 1)[0]
     client_region = host_region(host) or scope_region(authorization) or fallback_region
+    fips = fips or is_fips_host(host)
     if match := _MODEL_PATH.match(path):
-        return with_body(_classify_model_request(method, match, client_region, guardrail_header), body)
+        request = with_body(_classify_model_request(method, match, client_region, guardrail_header), body)
+        return replace(request, fips=True) if fips else request
     if _GUARDRAIL_PATH.match(path) and method == "POST":
-        return BedrockRequest(APPLY_GUARDRAIL, None, None, client_region, "guardrails are per region")
+        return BedrockRequest(APPLY_GUARDRAIL, None, None, client_region, "guardrails are per region", fips)
     if match := _ASYNC_INVOKE_PATH.match(path):
         operation = _async_invoke_operation(method, match.group("arn"))
-        return BedrockRequest(operation, None, None, client_region, "async invocations live in one region")
+        return BedrockRequest(operation, None, None, client_region, "async invocations live in one region", fips)
     raise BedrockError("UnknownOperationException", f"bedrock-balancer: {method} {path} is not a Bedrock Runtime operation")
 
 

@@ -76,6 +76,11 @@ class Target:
         return urlsplit(self.endpoint_url).netloc.rpartition("@")[2]
 
     @property
+    def fips(self) -> bool:
+        """Whether the endpoint is a FIPS one: the only kind a request sent to a FIPS endpoint may go to."""
+        return self.host.lower().startswith("bedrock-runtime-fips.")
+
+    @property
     def credentials_key(self) -> tuple[str | None, str | None]:
         return (self.profile, self.role_arn)
 
@@ -253,12 +258,28 @@ def _parse_target(data: object, where: str) -> Target:
 
 
 @functools.cache
-def known_regions() -> frozenset[str]:
-    """Every region botocore knows, in every partition (read from its bundled endpoints data)."""
+def _partitions() -> tuple[dict, ...]:
+    """The partitions in botocore's bundled endpoints data: their names, regions and region patterns."""
     from botocore.loaders import create_loader
 
-    endpoints = create_loader().load_data("endpoints")
-    return frozenset(r for partition in endpoints["partitions"] for r in partition.get("regions", {}))
+    return tuple(create_loader().load_data("endpoints")["partitions"])
+
+
+@functools.cache
+def known_regions() -> frozenset[str]:
+    """Every region botocore knows, in every partition."""
+    return frozenset(r for partition in _partitions() for r in partition.get("regions", {}))
+
+
+@functools.cache
+def partition_of(region: str) -> str:
+    """The AWS partition of a region (``aws``, ``aws-cn``, ``aws-us-gov``, ...); ``aws`` for a region
+    botocore does not know. Partitions have separate accounts and credentials, and a request must not
+    leave its partition (China's data, for one, must stay in China)."""
+    for partition in _partitions():
+        if region in partition.get("regions", {}) or re.match(partition["regionRegex"], region):
+            return partition["partition"]
+    return "aws"
 
 
 def _check_region(region: object, where: str, endpoint_given: bool) -> None:

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .classify import BedrockRequest
-from .config import Config, Target
+from .config import Config, Target, partition_of
 from .errors import BedrockError
 from .geography import rewrite_for_region
 from .health import Cooldowns
@@ -84,6 +84,10 @@ class Router:
         choices = []
         for target in self.config.targets:
             if not request.balanceable and target.region != request.client_region:
+                continue
+            if request.client_region and partition_of(target.region) != partition_of(request.client_region):
+                continue  # another partition: other accounts, and data that must stay where it is
+            if request.fips and not target.fips:
                 continue
             choice = self._fit(target, request)
             if choice is not None:
@@ -211,7 +215,15 @@ class Router:
                 f"and no configured target is in {request.client_region} (or allows that model)"
             )
         listed = ", ".join(str(t) for t in self.config.targets)
-        return f"bedrock-balancer: no configured target can serve {what} (targets: {listed}; check their models lists and geographies)"
+        if request.fips and not any(t.fips for t in self.config.targets):
+            return (
+                f"bedrock-balancer: the request was sent to a FIPS endpoint, and no configured target is one "
+                f"(targets: {listed}; give a target endpoint_url: https://bedrock-runtime-fips.<region>.amazonaws.com)"
+            )
+        return (
+            f"bedrock-balancer: no configured target can serve {what} from {request.client_region or 'an unknown region'} "
+            f"(targets: {listed}; check their models lists, geographies and partitions)"
+        )
 
 
 def _round_robin(choices: list[Choice], rotation: Rotation) -> Choice:
