@@ -5,14 +5,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import benchutil as bu  # noqa: E402
+import benchutil as bu
 
 
 def _ping(port: int) -> bool:

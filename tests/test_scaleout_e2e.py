@@ -3,7 +3,6 @@ state in a real redis-server, in front of one emulator process with quotas per r
 
 from __future__ import annotations
 
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,9 +11,8 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import benchutil as bu  # noqa: E402
-from proxyharness import wait_for  # noqa: E402
+import benchutil as bu
+from proxyharness import wait_for
 
 PROXY_CREDENTIALS = ("AKIDPROXYSCALE", "proxy-scale-secret")
 CLIENT_CREDENTIALS = ("AKIDCLIENTSCALE", "client-secret-never-forwarded")

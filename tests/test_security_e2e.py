@@ -304,7 +304,10 @@ def test_per_client_rpm_limit_is_a_throttling_exception_for_that_client_only(emu
     unlimited.converse(modelId=CLAUDE, messages=MESSAGES)
 
     assert len(emu.requests) == 3
-    assert [(r["client_name"], r["status"]) for r in proxy.access_records()] == [("team-b", 200)] * 2 + [("team-b", 429), ("team-a", 200)]
+    records = proxy.access_records()
+    assert [(r["client_name"], r["status"]) for r in records] == [("team-b", 200)] * 2 + [("team-b", 429), ("team-a", 200)]
+    refused = records[2]  # logged as what it was, although it went nowhere
+    assert (refused["operation"], refused["model"], refused["region"], refused["attempts"]) == ("Converse", CLAUDE, None, [])
 
 
 def test_per_client_tpm_limit_counts_the_request_as_bedrock_reserves_it(emu, authed_proxy, boto):

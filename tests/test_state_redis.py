@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import benchutil as bu
 import pytest
 import redis
 
@@ -216,6 +217,20 @@ def test_redis_down_falls_back_to_local_state_then_recovers(redis_server):
         assert not back.local and a.status()["mode"] == "shared"
 
     run(_closing([a], body))
+
+
+def test_an_unreachable_redis_is_reported_by_the_start_up_check(redis_server, caplog):
+    reachable = instance(redis_server.url, [{"region": "us-east-1"}])
+    unreachable = instance(f"redis://127.0.0.1:{bu.free_port()}/0", [{"region": "us-east-1"}])
+
+    async def body():
+        assert await reachable.check() is True
+        assert await unreachable.check() is False
+
+    with caplog.at_level("WARNING"):
+        run(_closing([reachable, unreachable], body))
+    assert [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()] != []
+    assert unreachable.status()["mode"] == "local-fallback" and reachable.status()["mode"] == "shared"
 
 
 def test_shared_client_limits_across_instances(redis_server):

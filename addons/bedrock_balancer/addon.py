@@ -317,6 +317,7 @@ class BedrockBalancer:
             return
         self._announce_client_policy()
         await self._start_relay()
+        await self.state.check()  # Redis: says now if it cannot be reached (the proxy then uses local state)
         await self._start_admin()
 
     async def _start_relay(self) -> None:
@@ -491,7 +492,9 @@ class BedrockBalancer:
             flow.metadata[contentview.CLIENT_SIGV4_KEY] = summary
         try:
             self._check_request(flow, request)
-            exchange = self._exchange_for(flow, request)
+            # Kept before the client's own limits are checked, so that a request they refuse is logged
+            # with its operation, model and region.
+            state.exchange = exchange = self._exchange_for(flow, request)
             state.reservation = await self._admit_client(flow, exchange)
         except BedrockError as e:
             _redact_client_credentials(flow.request)
@@ -499,7 +502,6 @@ class BedrockBalancer:
             # The first line only: a signature-debugging message goes to the client, not to the logs.
             self._finish(flow, state, error=f"{e.error_type}: {e.message.partition(chr(10))[0]}")
             return
-        state.exchange = exchange
         if not exchange.request.streaming:
             await self._whole_answer(flow, state, exchange)
             return

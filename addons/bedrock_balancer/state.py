@@ -115,6 +115,9 @@ class MemoryState:
             lease.settled = True
             self.router.ledger.settle(lease.reservation, tokens)
 
+    async def check(self) -> bool:
+        return True
+
     async def close(self) -> None:
         pass
 
@@ -419,6 +422,10 @@ class RedisState:
             "round_trips_per_attempt": round(self.round_trips / self.acquires, 2) if self.acquires else None,
             "redis_ms_per_attempt": round(self.redis_seconds * 1000 / self.acquires, 3) if self.acquires else None,
         }
+
+    async def check(self) -> bool:
+        """One round trip at start-up, so that an unreachable Redis is reported then, not at the first request."""
+        return await self._call(self._snapshot, [self.prefix, 0, 0]) is not None
 
     async def close(self) -> None:
         try:
