@@ -16,10 +16,11 @@ from bedrock_balancer.routing import NotYet, Router
 
 HOST = "bedrock-runtime.us-east-1.amazonaws.com"
 MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
+OTHER_MODEL = "amazon.nova-lite-v1:0"
 
 
-def converse():
-    return classify("POST", f"/model/{MODEL}/converse", HOST, None, None)
+def converse(model: str = MODEL):
+    return classify("POST", f"/model/{model}/converse", HOST, None, None)
 
 
 def instance(url: str, targets: list[dict], **top) -> state.RedisState:
@@ -139,7 +140,7 @@ def test_half_open_probe_is_shared_and_success_closes_the_circuit(redis_server):
 def test_whole_target_failure_cools_every_model(redis_server):
     targets = [{"region": "us-east-1"}]
     a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
-    other_model = classify("POST", "/model/amazon.nova-lite-v1:0/converse", HOST, None, None)
+    other_model = converse(OTHER_MODEL)
 
     async def body():
         _, lease = await a.acquire(converse(), 1, None)
@@ -153,7 +154,7 @@ def test_whole_target_failure_cools_every_model(redis_server):
 def test_a_probe_that_fails_for_another_reason_does_not_wedge_the_target(redis_server):
     targets = [{"region": "us-east-1"}]
     a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
-    other_model = classify("POST", "/model/amazon.nova-lite-v1:0/converse", HOST, None, None)
+    other_model = converse(OTHER_MODEL)
 
     async def body():
         _, lease = await a.acquire(converse(), 1, None)
