@@ -201,6 +201,23 @@ def test_every_key_expires_and_a_request_costs_two_round_trips(redis_server):
     assert keys and all(client.pttl(k) > 0 for k in keys)
 
 
+def test_a_failed_attempt_leaving_the_window_keeps_the_state_shared(redis_server):
+    # A failed attempt's reservation is settled to 0 tokens; when it leaves the window, trimming it must not
+    # break the scripts (Lua sent -0 as "-0", which HINCRBY refused, and every instance fell back to local state).
+    targets = [{"region": "us-east-1", "rpm": 10, "tpm": 10000}]
+    a = instance(redis_server.url, targets, quota_window_s=0.2)
+
+    async def body():
+        _, lease = await a.acquire(converse(), 100, None)
+        await a.failed(lease, "503", retry_after_s=0)
+        await asyncio.sleep(0.3)  # the quota window is time itself: the entry must have left it
+        _, after = await a.acquire(converse(), 100, None)
+        return after
+
+    after = run(_closing([a], body))
+    assert not after.local and a.status()["mode"] == "shared"
+
+
 def test_redis_down_falls_back_to_local_state_then_recovers(redis_server):
     targets = [{"region": "us-east-1", "rpm": 2}]
     a = instance(redis_server.url, targets)

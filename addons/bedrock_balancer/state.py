@@ -133,7 +133,7 @@ local function trim(z, h, horizon)
   local gone = redis.call('ZRANGEBYSCORE', z, '-inf', horizon)
   for _, id in ipairs(gone) do
     local t = tonumber(redis.call('HGET', h, id) or '0')
-    redis.call('HINCRBY', h, '_sum', -t)
+    redis.call('HINCRBY', h, '_sum', 0 - t)  -- not -t: Lua sends -0 as "-0", which HINCRBY refuses
     redis.call('HDEL', h, id)
   end
   if #gone > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', horizon) end
@@ -452,7 +452,9 @@ class RedisState:
         except (redis.exceptions.RedisError, OSError) as e:  # any Redis trouble: never fail the request
             if self.degraded_since is None:
                 self.degraded_since = time.monotonic()
-                log.warning("bedrock-balancer: Redis state at %s unreachable (%s); using local state until it answers again", redacted_url(self.url), e)
+                # A script's own error is a bug of ours, not the network's: say which.
+                trouble = "refused a state script" if isinstance(e, redis.exceptions.ResponseError) else "unreachable"
+                log.warning("bedrock-balancer: Redis state at %s %s (%s); using local state until it answers again", redacted_url(self.url), trouble, e)
             self._next_check = time.monotonic() + self.recheck_s
             self.fallbacks += 1
             return None
