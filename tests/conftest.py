@@ -21,6 +21,8 @@ def aws_environment(tmp_path_factory):
     home = tmp_path_factory.mktemp("aws")
     (home / "credentials").write_text(
         f"[proxy]\naws_access_key_id = {PROXY_KEY}\naws_secret_access_key = {PROXY_SECRET}\n"
+        # The right key with a wrong secret: the emulator refuses its signatures, as AWS would.
+        f"[wrong-secret]\naws_access_key_id = {PROXY_KEY}\naws_secret_access_key = not-{PROXY_SECRET}\n"
     )
     (home / "config").write_text("")
     saved = dict(os.environ)

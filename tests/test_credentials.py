@@ -104,6 +104,42 @@ def test_missing_credentials_reach_the_client_as_service_unavailable(emu, proxy_
     targets = targets_for(emu, ["us-east-1"], **{"us-east-1": {"profile": "no-such-profile"}})
     client = client_via_proxy(proxy_factory({"retry": {"max_attempts": 1}, "targets": targets}))
 
-    with pytest.raises(client.exceptions.ServiceUnavailableException, match="no AWS credentials for profile no-such-profile"):
+    with pytest.raises(client.exceptions.ServiceUnavailableException, match="the proxy has no usable AWS credentials") as raised:
         client.converse(modelId=CLAUDE, messages=MESSAGES)
     assert emu.requests == []
+    assert "no-such-profile" not in str(raised.value)  # the proxy's configuration stays in its own log
+
+
+def test_a_target_without_credentials_is_cooled_down_and_the_others_serve(emu, proxy_factory, client_via_proxy):
+    targets = targets_for(emu, ["us-east-1", "us-west-2"], **{"us-east-1": {"profile": "no-such-profile"}})
+    proxy = proxy_factory({"strategy": "round-robin", "targets": targets})
+    client = client_via_proxy(proxy)
+
+    served = [client.converse(modelId=CLAUDE, messages=MESSAGES)["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"] for _ in range(3)]
+
+    assert served == ["us-west-2"] * 3
+    # Only the first request tried us-east-1: it cools down instead of costing every request an attempt.
+    assert [[a["error"] if "error" in a else a["region"] for a in r["attempts"]] for r in proxy.wait_for_records(3)] == [
+        ["credentials", "us-west-2"], ["us-west-2"], ["us-west-2"]]
+
+
+def test_a_target_refusing_the_proxys_signature_is_failed_over_never_blamed_on_the_client(emu, proxy_factory, client_via_proxy):
+    targets = targets_for(emu, ["us-east-1", "us-west-2"], **{"us-east-1": {"profile": "wrong-secret"}})
+    proxy = proxy_factory({"strategy": "round-robin", "targets": targets})
+    client = client_via_proxy(proxy)
+
+    response = client.converse(modelId=CLAUDE, messages=MESSAGES)
+
+    assert response["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"] == "us-west-2"
+    assert [(r.region, r.status) for r in emu.requests] == [("us-east-1", 403), ("us-west-2", 200)]
+    (cooling,) = proxy.balancer.router.cooldowns.snapshot()
+    assert cooling["model"] is None and "InvalidSignatureException" in cooling["reason"]  # the whole target
+
+
+def test_when_every_target_refuses_the_proxys_signature_the_client_is_told_it_is_the_proxys(emu, proxy_factory, client_via_proxy):
+    targets = targets_for(emu, ["us-east-1"], **{"us-east-1": {"profile": "wrong-secret"}})
+    client = client_via_proxy(proxy_factory({"targets": targets}))
+
+    with pytest.raises(client.exceptions.ServiceUnavailableException, match="refused the proxy's credentials: 403 InvalidSignatureException"):
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    assert len(emu.requests) == 1  # no waiting for the same target to cool down, for a signature it will refuse again

@@ -77,6 +77,13 @@ DROPPED_REQUEST_HEADERS = sigv4.HOP_BY_HOP_HEADERS | {
 # Answers worth trying elsewhere: throttled (ThrottlingException, ModelNotReadyException), and server
 # failures, including those of gateways in between. Client errors (400, 403, 404, 424) are final.
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A 403 from a target is about the proxy's own account there (the proxy signed the request), never the
+# client's: another target may serve it. These error types mean the proxy's credentials for the whole
+# target are bad; any other 403 (AccessDeniedException: no access to the model there) is the model's.
+PROXY_CREDENTIAL_ERRORS = frozenset(
+    {"UnrecognizedClientException", "InvalidSignatureException", "IncompleteSignatureException", "ExpiredTokenException",
+     "MissingAuthenticationTokenException", "InvalidClientTokenId", "SignatureDoesNotMatch"}
+)
 # Exception frames that, arriving before any content, mean "this region could not start the answer".
 RETRYABLE_STREAM_EXCEPTIONS = frozenset(
     {"throttlingException", "serviceUnavailableException", "internalServerException", "modelStreamErrorException", "modelNotReadyException"}
@@ -160,6 +167,7 @@ class Failure:
     status: int | None = None
     headers: list[tuple[str, str]] | None = None
     body: bytes = b""
+    lasting: bool = False  # a configuration problem (credentials, access), not a passing one: waiting will not help
 
 
 def forwardable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -278,7 +286,8 @@ class Relay:
         failure: Failure | None = None
         for _ in range(retry.max_attempts):
             try:
-                chosen = await self._choose(exchange, deadline)
+                # After a lasting failure another target may serve the request now; waiting for that one helps no one.
+                chosen = await self._choose(exchange, deadline, wait=not (failure and failure.lasting))
             except BedrockError as e:
                 return self._proxy_error(exchange, e)
             if chosen is None:  # waited for a target until the deadline, or the client left meanwhile
@@ -294,7 +303,7 @@ class Relay:
             note_client_left(exchange)
         return answer
 
-    async def _choose(self, exchange: Exchange, deadline: float) -> tuple[Choice, Lease] | None:
+    async def _choose(self, exchange: Exchange, deadline: float, wait: bool = True) -> tuple[Choice, Lease] | None:
         """A target for the next attempt, reserved in its budgets, waiting for one to recover if all are cooling down."""
         while True:
             try:
@@ -302,7 +311,7 @@ class Relay:
                 return exchange.choice, lease
             except NotYet as not_yet:
                 now = time.monotonic()
-                if not_yet.retry_at >= deadline:
+                if not wait or not_yet.retry_at >= deadline:
                     exchange.error = not_yet.reason
                     return None
                 await asyncio.sleep(max(0.0, not_yet.retry_at - now))
@@ -310,7 +319,7 @@ class Relay:
                     return None
 
     def _give_up(self, exchange: Exchange, failure: Failure | None) -> Answer:
-        if failure is not None and failure.status is not None:  # the last upstream answer, as it was
+        if failure is not None and failure.status is not None and not _proxy_credentials_refused(failure):  # the last upstream answer, as it was
             exchange.status = failure.status
             exchange.error = f"gave up after {len(exchange.attempts)} attempts: {failure.reason}"
             headers = [(n, v) for n, v in failure.headers or [] if n.lower() not in DROPPED_RESPONSE_HEADERS]
@@ -342,7 +351,7 @@ class Relay:
             async with asyncio.timeout(self.config.retry.stall_timeout_s if stream_to is not None else None):
                 upstream = await self._send(exchange, target, path, stream_to)
                 attempt.status = upstream.status
-                if upstream.status in RETRYABLE_STATUSES:
+                if upstream.status in RETRYABLE_STATUSES or upstream.status == 403:
                     body = await upstream.read()
                     verdict = True
                     return await self._failed(exchange, lease, attempt, started, upstream, body)
@@ -368,9 +377,11 @@ class Relay:
             exchange.usage = usage.from_response(upstream.headers.get, body)
             answered = True
             return Answer(upstream.status, self._response_headers(exchange, upstream), body)
-        except CredentialsUnavailable as e:
-            attempt.error, attempt.ms = "credentials", _ms_since(started)
-            return Failure(str(e))
+        except CredentialsUnavailable:
+            # The proxy's log has the details (profile, role, botocore's error); the client needs none of them.
+            verdict = True
+            await self._unreachable(lease, attempt, started, "credentials")
+            return Failure(f"{target}: the proxy has no usable AWS credentials for it (see the proxy's log)", lasting=True)
         except asyncio.CancelledError:
             # The client left (the addon's client watch, or mitmproxy hanging up the loopback), or the proxy
             # is stopping: the attempt is dropped, its connection closed; no verdict on the target.
@@ -410,8 +421,10 @@ class Relay:
         choice = lease.choice
         error_type = error_type_of(upstream.headers.get, body) or str(upstream.status)
         attempt.error, attempt.ms = error_type, _ms_since(started)
-        await self.state.failed(lease, f"{upstream.status} {error_type}", retry_after_s=parse_retry_after(upstream.headers.get))
-        return Failure(f"{choice.target} answered {upstream.status} {error_type}", upstream.status, list(upstream.headers.items()), body)
+        refused = upstream.status == 403 and error_type in PROXY_CREDENTIAL_ERRORS
+        await self.state.failed(lease, f"{upstream.status} {error_type}", whole_target=refused, retry_after_s=parse_retry_after(upstream.headers.get))
+        what = "refused the proxy's credentials:" if refused else "answered"
+        return Failure(f"{choice.target} {what} {upstream.status} {error_type}", upstream.status, list(upstream.headers.items()), body, lasting=upstream.status == 403)
 
     async def _unreachable(self, lease: Lease, attempt: Attempt, started: float, reason: str, whole_target: bool = True) -> Failure:
         """No usable answer: connection failure or timeout (the whole target), or a stream that never started (the model)."""
@@ -535,6 +548,12 @@ async def _write_whole_frames(response: web.StreamResponse, pending: bytearray, 
             raise _ClientGone() from e
         del pending[:complete]
     return pending
+
+
+def _proxy_credentials_refused(failure: Failure) -> bool:
+    """A target refused the proxy's own signature: passing its 403 on would blame the client's key."""
+    headers = {name.lower(): value for name, value in failure.headers or []}
+    return failure.status == 403 and error_type_of(lambda name: headers.get(name.lower()), failure.body) in PROXY_CREDENTIAL_ERRORS
 
 
 def _ms_since(started: float) -> float:
