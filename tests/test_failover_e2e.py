@@ -317,6 +317,21 @@ def test_uneven_quotas_under_concurrent_load_never_throttle_the_client(emu, prox
     assert [r.status for r in emu.requests].count(429) == 0  # the proxy never even sent one over a budget
 
 
+def test_a_request_no_budget_can_take_in_time_is_refused_at_once_and_told_why(emu, proxy_factory, client_via_proxy):
+    targets = targets_for(emu, ["us-east-1"], **{"us-east-1": {"rpm": 1, "tpm": 2000}})
+    client = client_via_proxy(proxy_factory({"retry": {**FAST_RETRY, "deadline_s": 5}, "targets": targets}))
+    client.converse(modelId=CLAUDE, messages=MESSAGES)
+
+    # The window (60 s) frees room after the deadline: no waiting, and the message says so.
+    with pytest.raises(client.exceptions.ThrottlingException) as raised:
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    assert "waited" not in str(raised.value) and "none will be before the request's deadline (retry.deadline_s: 5 s)" in str(raised.value)
+    # One that no budget could ever take is a ValidationException saying what to change.
+    with pytest.raises(client.exceptions.ValidationException, match="more than the tpm budget of any target"):
+        client.converse(modelId=CLAUDE, messages=MESSAGES, inferenceConfig={"maxTokens": 5000})
+    assert len(emu.requests) == 1
+
+
 def test_reservations_settle_to_real_usage(emu, proxy_factory, client_via_proxy):
     targets = targets_for(emu, ["us-east-1"], **{"us-east-1": {"rpm": 100, "tpm": 100_000}})
     proxy = proxy_factory({"targets": targets})

@@ -11,6 +11,7 @@ from bedrock_balancer.affinity import conversation_key
 from bedrock_balancer.classify import classify
 from bedrock_balancer.health import Cooldowns, parse_retry_after
 from bedrock_balancer.quota import Budget, QuotaLedger, budgets_for, estimate_tokens
+from bedrock_balancer.errors import BedrockError
 from bedrock_balancer.routing import NotYet, Router
 
 
@@ -156,6 +157,17 @@ def test_quota_strategy_picks_most_headroom_and_waits_when_all_are_spent():
     with pytest.raises(NotYet) as not_yet:
         router.choose(request)
     assert not_yet.value.retry_at == pytest.approx(clock.now + 60)
+
+
+def test_a_request_larger_than_every_tpm_budget_is_refused_at_once_saying_why():
+    parsed = config.parse({"targets": [{"region": "us-east-1", "tpm": 2000}, {"region": "us-west-2", "tpm": 1000}, {"region": "eu-west-1"}]})
+    router = Router(parsed, clock=Clock())
+    request = classify("POST", "/model/m.x/converse", "bedrock-runtime.us-east-1.amazonaws.com", None, None)
+    assert router.choose(request, tokens=5000).target.region == "eu-west-1"  # a target without a tpm budget fits
+    bounded = Router(config.parse({"targets": [{"region": "us-east-1", "tpm": 2000}, {"region": "us-west-2", "tpm": 1000}]}), clock=Clock())
+    with pytest.raises(BedrockError, match="reserves about 5000 tokens .*the largest: 2000"):
+        bounded.choose(request, tokens=5000)
+    assert bounded.choose(request, tokens=1500).target.region == "us-east-1"
 
 
 def test_latency_strategy_prefers_the_fastest_after_trying_each():

@@ -139,6 +139,7 @@ class Exchange:
     usage: usage.Usage = field(default_factory=usage.Usage)
     stream_outcome: str | None = None  # "complete", "exception:<type>", "truncated" or "client-gone" for event streams
     first_event_ms: float | None = None  # streams: from the request to the first content event
+    waited_s: float = 0.0  # time spent waiting for a target to recover or for room in its budgets
     tokens: int = 0  # what the request reserves in quota budgets
     affinity_key: str | None = None
     # Whether the client has gone away: then no further attempt is made for it. (Streams learn it from
@@ -313,8 +314,12 @@ class Relay:
                 now = time.monotonic()
                 if not wait or not_yet.retry_at >= deadline:
                     exchange.error = not_yet.reason
+                    if wait and not exchange.attempts:
+                        exchange.error += f", and none will be before the request's deadline (retry.deadline_s: {self.config.retry.deadline_s:g} s)"
                     return None
-                await asyncio.sleep(max(0.0, not_yet.retry_at - now))
+                pause = max(0.0, not_yet.retry_at - now)
+                exchange.waited_s += pause
+                await asyncio.sleep(pause)
                 if exchange.client_gone():
                     return None
 
@@ -327,7 +332,7 @@ class Relay:
         if failure is not None:
             message = f"bedrock-balancer: no target answered after {len(exchange.attempts)} attempts (last: {failure.reason})"
             return self._proxy_error(exchange, BedrockError("ServiceUnavailableException", message))
-        waited = f"waited {self.config.retry.deadline_s:g} s: " if exchange.attempts == [] else ""
+        waited = f"waited {exchange.waited_s:.1f} s: " if exchange.waited_s and not exchange.attempts else ""
         message = f"bedrock-balancer: {waited}{exchange.error or 'no target available'}"
         return self._proxy_error(exchange, BedrockError("ThrottlingException", message))
 

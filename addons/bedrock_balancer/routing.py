@@ -121,6 +121,14 @@ class Router:
         choices = self.eligible(request)
         if not choices:
             raise BedrockError("ValidationException", self._why_none(request))
+        if tokens and all(_never_fits(c, tokens) for c in choices):
+            largest = max(b.tpm for c in choices for _, b in budgets_for(c.target, c.model_id) if b.tpm)
+            raise BedrockError(
+                "ValidationException",
+                f"bedrock-balancer: the request reserves about {tokens} tokens (its text and its max tokens, as Bedrock "
+                f"counts them), more than the tpm budget of any target that may serve it (the largest: {largest}); "
+                "lower its max tokens, or raise the targets' tpm",
+            )
         available = [c for c in choices if cooldowns.available(c.target.name, c.model_id)]
         headroom = {c.target.name: ledger.headroom(budgets_for(c.target, c.model_id), tokens) for c in available}
         available = [c for c in available if headroom[c.target.name] is None or headroom[c.target.name] >= 0]
@@ -224,6 +232,11 @@ class Router:
             f"bedrock-balancer: no configured target can serve {what} from {request.client_region or 'an unknown region'} "
             f"(targets: {listed}; check their models lists, geographies and partitions)"
         )
+
+
+def _never_fits(choice: Choice, tokens: int) -> bool:
+    """Whether a request of ``tokens`` exceeds one of the choice's tpm budgets even with its window empty."""
+    return any(budget.tpm and tokens > budget.tpm for _, budget in budgets_for(choice.target, choice.model_id))
 
 
 def _round_robin(choices: list[Choice], rotation: Rotation) -> Choice:
