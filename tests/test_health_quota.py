@@ -185,6 +185,23 @@ def test_latency_strategy_prefers_the_fastest_after_trying_each():
     assert router.choose(request).target is first
 
 
+def test_latency_strategy_spreads_unmeasured_targets_and_measures_stale_ones_again():
+    clock = Clock()
+    parsed = config.parse({"strategy": "latency", "targets": [{"region": "us-east-1"}, {"region": "us-west-2"}, {"region": "eu-west-1"}]})
+    router = Router(parsed, clock=clock)
+    request = classify("POST", "/model/m.x/converse", "", None, None)
+    # Requests that start together, before any answer: one to each target, not all to the first.
+    assert {router.choose(request).target.region for _ in range(3)} == {"us-east-1", "us-west-2", "eu-west-1"}
+    for region, ms in (("us-east-1", 900), ("us-west-2", 50), ("eu-west-1", 60)):
+        router.observe_latency(next(t for t in parsed.targets if t.region == region), ms)
+    assert router.choose(request).target.region == "us-west-2"
+    clock.now += 30
+    router.observe_latency(next(t for t in parsed.targets if t.region == "us-west-2"), 50)
+    router.observe_latency(next(t for t in parsed.targets if t.region == "eu-west-1"), 60)
+    clock.now += 31  # us-east-1's slow spell is over a minute old: it is measured again
+    assert router.choose(request).target.region == "us-east-1"
+
+
 def test_conversation_key_follows_the_conversation_not_its_latest_turn():
     turn1 = b'{"system":[{"text":"s"}],"messages":[{"role":"user","content":[{"text":"a"}]}]}'
     turn2 = b'{"system":[{"text":"s"}],"messages":[{"role":"user","content":[{"text":"a"}]},{"role":"assistant","content":[{"text":"b"}]}]}'

@@ -12,7 +12,8 @@ cooling down, see :mod:`.health`; room left in their budgets, see :mod:`.quota`)
 * ``priority``: the lowest ``priority`` value that has an available target, weighted round-robin inside
   that tier; the next tier only takes traffic when the whole tier is cooling down or out of budget
   (prompt caches stay warm in the preferred region).
-* ``latency``: the lowest moving average (EWMA) of recent latencies; targets never measured first.
+* ``latency``: the lowest moving average (EWMA) of recent latencies; targets not measured (for a minute)
+  first, in turn.
 
 With ``affinity`` on, a request whose conversation prefix was served recently goes back to the same
 target while that target is available, for prompt-cache hits.
@@ -35,6 +36,9 @@ from .health import Cooldowns
 from .quota import QuotaLedger, budgets_for
 
 LATENCY_EWMA_ALPHA = 0.3
+# A target not measured for this long is tried again, as if never measured: one slow spell must not keep
+# it out of the ``latency`` strategy for good.
+LATENCY_STALE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class Router:
         self.ledger = ledger or QuotaLedger(config.quota_window_s, clock=clock)
         self.outstanding = {t.name: 0 for t in config.targets}
         self.latency_ms: dict[str, float] = {}
+        self._latency_at: dict[str, float] = {}  # when each target's latency was last measured
         self.rotation = Rotation({t.name: 0 for t in config.targets})
         self._tie_breaker = itertools.count()
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -145,7 +150,7 @@ class Router:
         if strategy == "least-outstanding":
             return self._least_outstanding(available)
         if strategy == "latency":
-            return min(available, key=lambda c: (self.latency_ms.get(c.target.name, -1.0), next(self._tie_breaker)))
+            return self._fastest(available)
         if strategy == "priority":
             best = min(c.target.priority for c in available)
             return _round_robin([c for c in available if c.target.priority == best], rotation)
@@ -155,6 +160,19 @@ class Router:
             # Within a hair of the best counts as a tie, so equal targets share by weight.
             return _round_robin([c for c in available if room[c.target.name] >= most - 1e-9], rotation)
         return _round_robin(available, rotation)
+
+    def _fastest(self, choices: list[Choice]) -> Choice:
+        """The lowest recent latency; targets not measured (lately) first, in turn among themselves."""
+        now = self.clock()
+
+        def recent(choice: Choice) -> float:
+            name = choice.target.name
+            fresh = now - self._latency_at.get(name, now - LATENCY_STALE_S) < LATENCY_STALE_S
+            return self.latency_ms[name] if fresh and name in self.latency_ms else -1.0
+
+        lowest = min(recent(c) for c in choices)
+        tied = [c for c in choices if recent(c) == lowest]
+        return tied[next(self._tie_breaker) % len(tied)]
 
     def _least_outstanding(self, choices: list[Choice]) -> Choice:
         def load(choice: Choice) -> float:
@@ -209,6 +227,7 @@ class Router:
     def observe_latency(self, target: Target, ms: float) -> None:
         previous = self.latency_ms.get(target.name)
         self.latency_ms[target.name] = ms if previous is None else previous + LATENCY_EWMA_ALPHA * (ms - previous)
+        self._latency_at[target.name] = self.clock()
 
     def _why_none(self, request: BedrockRequest) -> str:
         what = f"model {request.model_id!r}" if request.model_id else request.operation
