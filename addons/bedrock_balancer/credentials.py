@@ -125,4 +125,5 @@ class CredentialStore:
             if isinstance(result, Exception):
                 log.warning("bedrock-balancer: %s", result)
             else:
-                log.info("bedrock-balancer: credentials ready: %s (key %s…)", source, result.access_key[:4])
+                # The key id's ends tell two accounts' keys apart, as the AWS console shows them; never the secret.
+                log.info("bedrock-balancer: credentials ready: %s (key %s…%s)", source, result.access_key[:4], result.access_key[-4:])
