@@ -245,6 +245,20 @@ def test_a_region_whose_streams_break_off_is_cooled_down(emu, proxy_factory, cli
     assert cooling["model"] == CLAUDE and "stream broke off" in cooling["reason"]
 
 
+def test_a_target_without_access_to_the_model_is_failed_over_and_its_message_stays_in_the_log(emu, proxy_factory, client_via_proxy):
+    proxy = proxy_factory(two_regions(emu))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "access_denied")
+
+    assert served_region(client.converse(modelId=CLAUDE, messages=MESSAGES)) == "us-west-2"
+    assert proxy.balancer.router.cooldowns.snapshot() == []  # access is no cooldown: nothing to wait for
+
+    emu.set_mode("us-west-2", "access_denied")
+    with pytest.raises(client.exceptions.AccessDeniedException, match="has no access to this request") as raised:
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+    assert "arn:aws:sts" not in str(raised.value)  # AWS's message names the proxy's role: it stays in the log
+
+
 def test_when_every_target_cools_down_the_request_waits_for_the_first_to_recover(emu, proxy_factory, client_via_proxy):
     proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "cooldown_base_s": 0.3}))
     client = client_via_proxy(proxy)

@@ -75,6 +75,14 @@ def test_a_throttle_on_the_target_wide_probe_closes_that_circuit_and_cools_the_m
     assert [c["model"] for c in cooldowns.snapshot()] == ["m"]
 
 
+def test_a_model_failure_leaves_a_running_target_wide_cooldown_alone():
+    clock = Clock()
+    cooldowns = Cooldowns(base_s=10, max_s=10, rng=random.Random(0), clock=clock)
+    cooldowns.failed("use1", None, "connection refused", whole_target=True)  # the region is down ...
+    cooldowns.failed("use1", "m", "stream broke off")  # ... and a stream begun before then breaks off
+    assert not cooldowns.available("use1", "other-model")
+
+
 def test_a_connection_failure_on_a_model_probe_ends_that_probe():
     clock = Clock()
     cooldowns = Cooldowns(base_s=1, max_s=1, rng=random.Random(0), clock=clock)
@@ -198,8 +206,9 @@ def test_latency_strategy_spreads_unmeasured_targets_and_measures_stale_ones_aga
     clock.now += 30
     router.observe_latency(next(t for t in parsed.targets if t.region == "us-west-2"), 50)
     router.observe_latency(next(t for t in parsed.targets if t.region == "eu-west-1"), 60)
-    clock.now += 31  # us-east-1's slow spell is over a minute old: it is measured again
+    clock.now += 31  # us-east-1's slow spell is over a minute old: it is measured again, by one request
     assert router.choose(request).target.region == "us-east-1"
+    assert router.choose(request).target.region == "us-west-2"
 
 
 def test_conversation_key_follows_the_conversation_not_its_latest_turn():

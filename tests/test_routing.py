@@ -77,6 +77,8 @@ def test_requests_to_a_fips_endpoint_go_only_to_fips_targets():
     plain = router([{"region": "us-east-1"}])
     with pytest.raises(BedrockError, match="sent to a FIPS endpoint, and no configured target is one"):
         plain.choose(converse(host=fips_host))
+    privatelink = router([{"region": "us-east-1", "endpoint_url": "https://vpce-0a1b2c3d-e4f5.bedrock-runtime-fips.us-east-1.vpce.amazonaws.com"}])
+    assert privatelink.choose(converse(host=fips_host)).target.fips  # a FIPS PrivateLink endpoint is one too
 
 
 def test_profiles_need_a_matching_geography_unless_crossing_is_allowed():

@@ -178,6 +178,21 @@ def test_a_probe_that_fails_for_another_reason_does_not_wedge_the_target(redis_s
     run(_closing([a, b], body))
 
 
+def test_a_model_failure_leaves_a_running_target_wide_cooldown_alone(redis_server):
+    targets = [{"region": "us-east-1"}]
+    a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)
+
+    async def body():
+        _, streaming = await a.acquire(converse(), 1, None)  # begun before the region went down
+        _, lease = await a.acquire(converse(), 1, None)
+        await a.failed(lease, "connection refused", whole_target=True, retry_after_s=60)
+        await a.failed(streaming, "stream broke off")
+        with pytest.raises(NotYet):
+            await b.acquire(converse(OTHER_MODEL), 1, None)
+
+    run(_closing([a, b], body))
+
+
 def test_every_key_expires_and_a_request_costs_two_round_trips(redis_server):
     targets = [{"region": "us-east-1", "rpm": 100, "tpm": 100000, "model_quotas": {"anthropic.*": {"rpm": 50}}}, {"region": "us-west-2", "rpm": 100}]
     a = instance(redis_server.url, targets)

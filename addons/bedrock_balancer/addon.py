@@ -536,11 +536,13 @@ class BedrockBalancer:
         upstream connection closed, rather than run to its end (or to the read timeout) for nobody.
 
         mitmproxy marks a client connection closed as soon as it reads its end, but the flow hears of it
-        only once the request hook returns; so the hooks that wait are checked, a few times a second."""
+        only once the request hook returns; so the hooks that wait are checked, a few times a second, and
+        cancelled only where the relay says it is safe (``Exchange.cancellable``)."""
         while True:
             await asyncio.sleep(CLIENT_WATCH_INTERVAL_S)
             for state in self._flows.values():
-                if state.waiting is not None and not state.client_left and state.exchange.client_gone():
+                exchange = state.exchange
+                if state.waiting is not None and exchange.cancellable and not state.client_left and exchange.client_gone():
                     state.client_left = True
                     state.waiting.cancel()
 
@@ -666,7 +668,7 @@ class BedrockBalancer:
             client_left = "client" in message.lower()
             if client_left and exchange.attempts:
                 exchange.attempts[-1].abandon()
-            if client_left or exchange.status == 200:
+            if (client_left and exchange.status in (None, 200)) or exchange.status == 200:
                 exchange.stream_outcome = "client-gone" if client_left else "truncated"
         self._finish(flow, state, error=(exchange.error if exchange else None) or message)
 

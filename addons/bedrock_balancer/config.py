@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .classify import REGION
+from .classify import REGION, is_fips_host
 
 STRATEGIES = ("quota", "round-robin", "least-outstanding", "priority", "latency")
 DEFAULT_STRATEGY = "quota"
@@ -78,7 +78,7 @@ class Target:
     @property
     def fips(self) -> bool:
         """Whether the endpoint is a FIPS one: the only kind a request sent to a FIPS endpoint may go to."""
-        return self.host.lower().startswith("bedrock-runtime-fips.")
+        return is_fips_host(self.host)
 
     @property
     def credentials_key(self) -> tuple[str | None, str | None]:

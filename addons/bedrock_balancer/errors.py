@@ -74,3 +74,13 @@ def error_type_of(headers_get, body: bytes) -> str | None:
         return None
     code = parsed.get("__type") or parsed.get("code") if isinstance(parsed, dict) else None
     return code.rsplit("#", 1)[-1] if isinstance(code, str) else None
+
+
+def error_message_of(body: bytes) -> str:
+    """The ``message`` of an upstream error answer, for the proxy's log (one line, bounded)."""
+    try:
+        parsed = json.loads(body) if body else {}
+    except ValueError:
+        parsed = {}
+    message = (parsed.get("message") or parsed.get("Message")) if isinstance(parsed, dict) else None
+    return " ".join(str(message).split())[:500] if message else "(no message)"

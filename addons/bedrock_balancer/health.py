@@ -88,13 +88,14 @@ class Cooldowns:
 
         The attempt was the verdict on every circuit it passed through. A failure of the whole target also
         ends a probe on the model's circuit (which may probe again once the target is back). A failure for
-        the model means the target answered: whatever had cooled the whole target is over."""
+        the model, on a target-wide probe, means the target answered: whatever had cooled it is over. (A
+        target-wide cooldown still running is left alone: a stream begun before it may break off meanwhile.)"""
         whole = whole_target or not model
         key = (target, ANY_MODEL) if whole else (target, model)
         other = self._circuits.get((target, model) if whole else (target, ANY_MODEL)) if model else None
         if other is not None and whole:
             other.probing = False
-        elif other is not None:
+        elif other is not None and self.clock() >= other.open_until:
             del self._circuits[(target, ANY_MODEL)]
         circuit = self._circuits.setdefault(key, Circuit())
         circuit.failures += 1

@@ -42,7 +42,7 @@ from . import eventstream, sigv4, usage
 from .classify import BedrockRequest
 from .config import Config, Target
 from .credentials import CredentialsUnavailable, CredentialStore
-from .errors import BedrockError, error_type_of
+from .errors import BedrockError, error_message_of, error_type_of
 from .health import parse_retry_after
 from .routing import Choice, NotYet, Router
 from .state import Lease, MemoryState
@@ -140,6 +140,10 @@ class Exchange:
     stream_outcome: str | None = None  # "complete", "exception:<type>", "truncated" or "client-gone" for event streams
     first_event_ms: float | None = None  # streams: from the request to the first content event
     waited_s: float = 0.0  # time spent waiting for a target to recover or for room in its budgets
+    # True only while the relay waits for an upstream answer or for a cooldown: the waits the addon's client
+    # watch may cancel. Never during a state update (a Redis script cancelled half-way would leave a
+    # reservation or a probe behind).
+    cancellable: bool = False
     tokens: int = 0  # what the request reserves in quota budgets
     affinity_key: str | None = None
     # Whether the client has gone away: then no further attempt is made for it. (Streams learn it from
@@ -319,11 +323,20 @@ class Relay:
                     return None
                 pause = max(0.0, not_yet.retry_at - now)
                 exchange.waited_s += pause
-                await asyncio.sleep(pause)
+                exchange.cancellable = True
+                try:
+                    await asyncio.sleep(pause)
+                finally:
+                    exchange.cancellable = False
                 if exchange.client_gone():
                     return None
 
     def _give_up(self, exchange: Exchange, failure: Failure | None) -> Answer:
+        if failure is not None and failure.status == 403 and not _proxy_credentials_refused(failure):
+            # AWS's message names the proxy's account and role: it goes to the proxy's log, not to the client.
+            log.warning("bedrock-balancer: %s: %s", failure.reason, error_message_of(failure.body))
+            message = f"bedrock-balancer: {failure.reason}: the proxy's account there has no access to this request (see the proxy's log)"
+            return self._proxy_error(exchange, BedrockError("AccessDeniedException", message))
         if failure is not None and failure.status is not None and not _proxy_credentials_refused(failure):  # the last upstream answer, as it was
             exchange.status = failure.status
             exchange.error = f"gave up after {len(exchange.attempts)} attempts: {failure.reason}"
@@ -354,7 +367,11 @@ class Relay:
             path = upstream_path(exchange, choice)
             exchange.sent_headers = signed_headers_for(exchange, choice, path, credentials)
             async with asyncio.timeout(self.config.retry.stall_timeout_s if stream_to is not None else None):
-                upstream = await self._send(exchange, target, path, stream_to)
+                exchange.cancellable = True
+                try:
+                    upstream = await self._send(exchange, target, path, stream_to)
+                finally:
+                    exchange.cancellable = False
                 attempt.status = upstream.status
                 if upstream.status in RETRYABLE_STATUSES or upstream.status == 403:
                     body = await upstream.read()
@@ -427,7 +444,12 @@ class Relay:
         error_type = error_type_of(upstream.headers.get, body) or str(upstream.status)
         attempt.error, attempt.ms = error_type, _ms_since(started)
         refused = upstream.status == 403 and error_type in PROXY_CREDENTIAL_ERRORS
-        await self.state.failed(lease, f"{upstream.status} {error_type}", whole_target=refused, retry_after_s=parse_retry_after(upstream.headers.get))
+        if upstream.status == 403 and not refused:
+            # No access to the model in the proxy's account there: another target may have it. Not a cooldown:
+            # with no target that has access, every request would then get a 429 that hides the cause.
+            await self.state.release_probe(lease)
+        else:
+            await self.state.failed(lease, f"{upstream.status} {error_type}", whole_target=refused, retry_after_s=parse_retry_after(upstream.headers.get))
         what = "refused the proxy's credentials:" if refused else "answered"
         return Failure(f"{choice.target} {what} {upstream.status} {error_type}", upstream.status, list(upstream.headers.items()), body, lasting=upstream.status == 403)
 

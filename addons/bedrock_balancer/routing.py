@@ -127,7 +127,7 @@ class Router:
         if not choices:
             raise BedrockError("ValidationException", self._why_none(request))
         if tokens and all(_never_fits(c, tokens) for c in choices):
-            largest = max(b.tpm for c in choices for _, b in budgets_for(c.target, c.model_id) if b.tpm)
+            largest = max(min(b.tpm for _, b in budgets_for(c.target, c.model_id) if b.tpm and tokens > b.tpm) for c in choices)
             raise BedrockError(
                 "ValidationException",
                 f"bedrock-balancer: the request reserves about {tokens} tokens (its text and its max tokens, as Bedrock "
@@ -172,7 +172,11 @@ class Router:
 
         lowest = min(recent(c) for c in choices)
         tied = [c for c in choices if recent(c) == lowest]
-        return tied[next(self._tie_breaker) % len(tied)]
+        chosen = tied[next(self._tie_breaker) % len(tied)]
+        if chosen.target.name in self.latency_ms and lowest < 0:
+            # A stale target is measured again by this one request: until it answers, its last figure counts.
+            self._latency_at[chosen.target.name] = now
+        return chosen
 
     def _least_outstanding(self, choices: list[Choice]) -> Choice:
         def load(choice: Choice) -> float:

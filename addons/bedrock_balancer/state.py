@@ -314,7 +314,8 @@ if ARGV[8] ~= '' then settle(prefix, ARGV[8], 0, keys) end
 local other, verdict = ARGV[10 + n], ARGV[11 + n]
 if other ~= '' then
   local ok = prefix .. 'c:' .. other
-  if verdict == 'close' then redis.call('DEL', ok)
+  if verdict == 'close' then  -- only a half-open one (as Cooldowns.failed)
+    if tonumber(redis.call('HGET', ok, 'u') or '0') <= now then redis.call('DEL', ok) end
   elseif redis.call('EXISTS', ok) == 1 then redis.call('HSET', ok, 'p', 0) end
 end
 return cooldown

@@ -73,6 +73,11 @@ MODEL_NOT_READY = (
     "Refer to the Bedrock documentation for more information."
 )
 SERVICE_UNAVAILABLE = "Bedrock is unable to process your request."
+# What AWS says when the calling account has no access to the model (with the caller's ARN in real life).
+NO_MODEL_ACCESS = (
+    "User: arn:aws:sts::123456789012:assumed-role/bedrock-proxy/session is not authorized to perform: "
+    "bedrock:InvokeModel on resource: arn:aws:bedrock:us-east-1::foundation-model/* because no identity-based policy allows it"
+)
 INTERNAL_ERROR = "The system encountered an unexpected error during processing. Try your request again."
 
 ACCOUNT_ID = "123456789012"

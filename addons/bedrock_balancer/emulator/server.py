@@ -63,6 +63,7 @@ MODES = frozenset(
         "not_ready",
         "fail",
         "error500",
+        "access_denied",
         "drop",
         "stall",
         "stream_first_exception",
@@ -77,6 +78,7 @@ ERROR_MODES = {
     "not_ready": ("ModelNotReadyException", wire.MODEL_NOT_READY),
     "fail": ("ServiceUnavailableException", wire.SERVICE_UNAVAILABLE),
     "error500": ("InternalServerException", wire.INTERNAL_ERROR),
+    "access_denied": ("AccessDeniedException", wire.NO_MODEL_ACCESS),
 }
 
 MODEL_OPERATIONS = {
