@@ -94,8 +94,9 @@ def test_credentials_near_expiry_refresh_in_the_background():
 def test_missing_credentials_are_a_clear_error(monkeypatch):
     async def scenario():
         source = CredentialSource("no-such-profile", None, "us-east-1")
-        with pytest.raises(CredentialsUnavailable, match="no AWS credentials for profile no-such-profile"):
+        with pytest.raises(CredentialsUnavailable, match=r"no AWS credentials for profile no-such-profile \(check the profile") as raised:
             await source.get()
+        assert "give the target a profile" not in str(raised.value)  # it has one: that advice would mislead
 
     asyncio.run(scenario())
 

@@ -56,10 +56,12 @@ class CredentialSource:
             self._refreshing = asyncio.create_task(self._refresh())
         await asyncio.shield(self._refreshing)
         if self._frozen is None:
-            raise CredentialsUnavailable(
-                f"no AWS credentials for {self} (set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                "run `aws sso login`, or give the target a profile or role_arn)"
+            hint = (
+                "check the profile and the role; the warning before this one has botocore's error"
+                if self.profile or self.role_arn
+                else "set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, run `aws sso login`, or give the target a profile or role_arn"
             )
+            raise CredentialsUnavailable(f"no AWS credentials for {self} ({hint})")
         return self._frozen
 
     def _remaining(self) -> float:
