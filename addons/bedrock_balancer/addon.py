@@ -668,8 +668,10 @@ class BedrockBalancer:
             client_left = "client" in message.lower()
             if client_left and exchange.attempts:
                 exchange.attempts[-1].abandon()
-            if (client_left and exchange.status in (None, 200)) or exchange.status == 200:
-                exchange.stream_outcome = "client-gone" if client_left else "truncated"
+            if client_left and exchange.status in (None, 200):  # before or after the stream began
+                exchange.stream_outcome = "client-gone"
+            elif exchange.status == 200:
+                exchange.stream_outcome = "truncated"
         self._finish(flow, state, error=(exchange.error if exchange else None) or message)
 
     def _exchange(self, flow: http.HTTPFlow) -> Exchange | None:

@@ -68,19 +68,22 @@ def error_type_of(headers_get, body: bytes) -> str | None:
     value = headers_get("x-amzn-ErrorType")
     if value:
         return value.split(":", 1)[0]
-    try:
-        parsed = json.loads(body) if body else {}
-    except ValueError:
-        return None
-    code = parsed.get("__type") or parsed.get("code") if isinstance(parsed, dict) else None
+    document = _error_document(body)
+    code = document.get("__type") or document.get("code")
     return code.rsplit("#", 1)[-1] if isinstance(code, str) else None
 
 
 def error_message_of(body: bytes) -> str:
     """The ``message`` of an upstream error answer, for the proxy's log (one line, bounded)."""
+    document = _error_document(body)
+    message = document.get("message") or document.get("Message")
+    return " ".join(str(message).split())[:500] if message else "(no message)"
+
+
+def _error_document(body: bytes) -> dict:
+    """An error answer's JSON object; empty when the body is not one."""
     try:
         parsed = json.loads(body) if body else {}
     except ValueError:
-        parsed = {}
-    message = (parsed.get("message") or parsed.get("Message")) if isinstance(parsed, dict) else None
-    return " ".join(str(message).split())[:500] if message else "(no message)"
+        return {}
+    return parsed if isinstance(parsed, dict) else {}

@@ -75,7 +75,8 @@ DROPPED_REQUEST_HEADERS = sigv4.HOP_BY_HOP_HEADERS | {
     EXCHANGE_HEADER,
 }
 # Answers worth trying elsewhere: throttled (ThrottlingException, ModelNotReadyException), and server
-# failures, including those of gateways in between. Client errors (400, 403, 404, 424) are final.
+# failures, including those of gateways in between. Client errors (400, 404, 424) are final; a 403 is not
+# (see PROXY_CREDENTIAL_ERRORS).
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # A 403 from a target is about the proxy's own account there (the proxy signed the request), never the
 # client's: another target may serve it. These error types mean the proxy's credentials for the whole
@@ -173,6 +174,7 @@ class Failure:
     headers: list[tuple[str, str]] | None = None
     body: bytes = b""
     lasting: bool = False  # a configuration problem (credentials, access), not a passing one: waiting will not help
+    refused: bool = False  # the target refused the proxy's own signature (a 403 in PROXY_CREDENTIAL_ERRORS)
 
 
 def forwardable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -332,12 +334,12 @@ class Relay:
                     return None
 
     def _give_up(self, exchange: Exchange, failure: Failure | None) -> Answer:
-        if failure is not None and failure.status == 403 and not _proxy_credentials_refused(failure):
+        if failure is not None and failure.status == 403 and not failure.refused:
             # AWS's message names the proxy's account and role: it goes to the proxy's log, not to the client.
             log.warning("bedrock-balancer: %s: %s", failure.reason, error_message_of(failure.body))
             message = f"bedrock-balancer: {failure.reason}: the proxy's account there has no access to this request (see the proxy's log)"
             return self._proxy_error(exchange, BedrockError("AccessDeniedException", message))
-        if failure is not None and failure.status is not None and not _proxy_credentials_refused(failure):  # the last upstream answer, as it was
+        if failure is not None and failure.status is not None and not failure.refused:  # the last upstream answer, as it was
             exchange.status = failure.status
             exchange.error = f"gave up after {len(exchange.attempts)} attempts: {failure.reason}"
             headers = [(n, v) for n, v in failure.headers or [] if n.lower() not in DROPPED_RESPONSE_HEADERS]
@@ -451,7 +453,10 @@ class Relay:
         else:
             await self.state.failed(lease, f"{upstream.status} {error_type}", whole_target=refused, retry_after_s=parse_retry_after(upstream.headers.get))
         what = "refused the proxy's credentials:" if refused else "answered"
-        return Failure(f"{choice.target} {what} {upstream.status} {error_type}", upstream.status, list(upstream.headers.items()), body, lasting=upstream.status == 403)
+        return Failure(
+            f"{choice.target} {what} {upstream.status} {error_type}", upstream.status, list(upstream.headers.items()), body,
+            lasting=upstream.status == 403, refused=refused,
+        )
 
     async def _unreachable(self, lease: Lease, attempt: Attempt, started: float, reason: str, whole_target: bool = True) -> Failure:
         """No usable answer: connection failure or timeout (the whole target), or a stream that never started (the model)."""
@@ -575,12 +580,6 @@ async def _write_whole_frames(response: web.StreamResponse, pending: bytearray, 
             raise _ClientGone() from e
         del pending[:complete]
     return pending
-
-
-def _proxy_credentials_refused(failure: Failure) -> bool:
-    """A target refused the proxy's own signature: passing its 403 on would blame the client's key."""
-    headers = {name.lower(): value for name, value in failure.headers or []}
-    return failure.status == 403 and error_type_of(lambda name: headers.get(name.lower()), failure.body) in PROXY_CREDENTIAL_ERRORS
 
 
 def _ms_since(started: float) -> float:

@@ -126,8 +126,8 @@ class Router:
         choices = self.eligible(request)
         if not choices:
             raise BedrockError("ValidationException", self._why_none(request))
-        if tokens and all(_never_fits(c, tokens) for c in choices):
-            largest = max(min(b.tpm for _, b in budgets_for(c.target, c.model_id) if b.tpm and tokens > b.tpm) for c in choices)
+        if tokens and all(_tpm_exceeded(c, tokens) for c in choices):
+            largest = max(_tpm_exceeded(c, tokens) for c in choices)
             raise BedrockError(
                 "ValidationException",
                 f"bedrock-balancer: the request reserves about {tokens} tokens (its text and its max tokens, as Bedrock "
@@ -257,9 +257,10 @@ class Router:
         )
 
 
-def _never_fits(choice: Choice, tokens: int) -> bool:
-    """Whether a request of ``tokens`` exceeds one of the choice's tpm budgets even with its window empty."""
-    return any(budget.tpm and tokens > budget.tpm for _, budget in budgets_for(choice.target, choice.model_id))
+def _tpm_exceeded(choice: Choice, tokens: int) -> int | None:
+    """The smallest of the choice's tpm budgets that a request of ``tokens`` exceeds even with its window
+    empty; None if it fits them all."""
+    return min((b.tpm for _, b in budgets_for(choice.target, choice.model_id) if b.tpm and tokens > b.tpm), default=None)
 
 
 def _round_robin(choices: list[Choice], rotation: Rotation) -> Choice:
