@@ -134,7 +134,9 @@ def test_streamed_answers_carry_the_upstreams_headers_not_the_relays(emu, proxy_
         assert headers["x-bedrock-balancer-region"] == "us-west-2"
         assert "server" not in headers  # the emulator, like Bedrock, sends none
         assert not [value for value in headers.values() if "aiohttp" in value.lower()]
+        assert "x-bedrock-balancer-provisional" not in headers  # the relay's provisional head stays in the proxy
     assert failed.value.response["Error"]["Code"] == "ServiceUnavailableException"
+    assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
 
 
 def test_invoke_stream_chunks_arrive_while_the_upstream_is_still_sending(emu, proxy_factory, client_via_endpoint):

@@ -4,6 +4,7 @@ every addon once per request (scripts/bench)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mitmproxy import log as mitmproxy_log
@@ -30,6 +31,35 @@ class LegacyRecorder(mitmproxy_log.LegacyLogEvents):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+def test_the_stream_line_is_written_once_the_event_loop_is_free():
+    # mitmproxy logs it between sending a stream's head and forwarding its first content event.
+    server_log = logging.getLogger("mitmproxy.proxy.server")
+    terminal = Recorder()
+    server_log.addHandler(terminal)
+    level = server_log.level
+    server_log.setLevel(logging.INFO)
+
+    async def stream_starts() -> list[str]:
+        server_log.info("Streaming response from bedrock-runtime.us-west-2.amazonaws.com.")
+        server_log.info("client disconnect")
+        written_at_once = [r.getMessage() for r in terminal.records]
+        await asyncio.sleep(0)
+        return written_at_once
+
+    try:
+        addon._defer_streaming_line()
+        addon._defer_streaming_line()  # idempotent
+        written_at_once = asyncio.run(stream_starts())
+    finally:
+        server_log.removeHandler(terminal)
+        server_log.setLevel(level)
+        server_log.removeFilter(addon._later_if_streaming_line)
+    assert written_at_once == ["client disconnect"]
+    assert [r.getMessage() for r in terminal.records] == ["client disconnect", "Streaming response from bedrock-runtime.us-west-2.amazonaws.com."]
+    disconnect, streaming = terminal.records
+    assert streaming.created <= disconnect.created  # written later, it keeps the time it was logged
 
 
 def test_request_and_stream_lines_skip_only_the_deprecated_add_log_hook():

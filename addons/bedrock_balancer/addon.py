@@ -31,7 +31,7 @@ from mitmproxy.proxy import mode_specs
 from . import accesslog, admin, affinity, classify, clientauth, config as config_module, contentview, quota
 from .credentials import CredentialStore
 from .errors import BedrockError
-from .relay import EVENT_STREAM, EXCHANGE_HEADER, LOOPBACK_SERVER, Exchange, Relay, forwardable_headers, note_client_left, redacted, upstream_path
+from .relay import EXCHANGE_HEADER, LOOPBACK_SERVER, PROVISIONAL_HEADER, Exchange, Relay, forwardable_headers, note_client_left, redacted, upstream_path
 from . import state as state_module
 from .routing import Router
 
@@ -40,6 +40,7 @@ request_log = logging.getLogger("bedrock_balancer.requests")  # the line per req
 # mitmproxy's line when a response starts streaming, and the logger it comes from.
 MITMPROXY_SERVER_LOG = "mitmproxy.proxy.server"
 STREAMING_LINE = "Streaming response from "
+DEFERRED_ATTRIBUTE = "bedrock_balancer_deferred"  # on a log record the addon let through a moment later
 
 METADATA_KEY = "bedrock_balancer"
 CLIENT_NAME_KEY = METADATA_KEY + ".client_name"
@@ -66,7 +67,10 @@ class _FlowState:
     exchange: Exchange | None = None  # once classified
     relay_token: str | None = None  # streamed flows: the relay's handle on the exchange
     reservation: tuple | None = None  # under per-client limits: (reservation, tokens reserved)
-    waiting: asyncio.Task | None = None  # whole answers: the request hook's task while it waits for the relay
+    # The hook's task while it waits for the relay: a whole answer's request hook, or a stream's
+    # responseheaders hook waiting for the head (which the client watch may always cancel).
+    waiting: asyncio.Task | None = None
+    waiting_for_head: bool = False
     client_left: bool = False  # the client watch cancelled that wait
 
 
@@ -305,6 +309,7 @@ class BedrockBalancer:
         self._running = True
         self._client_watch = asyncio.get_running_loop().create_task(self._watch_clients(), name="bedrock-balancer client watch")
         _spare_legacy_log_hook()
+        _defer_streaming_line()
         # configure() sees only the options that were set: these two must also hold with the defaults
         # (bedrock-balancer adds this addon after mitmproxy has applied the command line).
         self._configure_body_limit()
@@ -542,7 +547,8 @@ class BedrockBalancer:
             await asyncio.sleep(CLIENT_WATCH_INTERVAL_S)
             for state in self._flows.values():
                 exchange = state.exchange
-                if state.waiting is not None and exchange.cancellable and not state.client_left and exchange.client_gone():
+                cancellable = state.waiting_for_head or exchange.cancellable
+                if state.waiting is not None and cancellable and not state.client_left and exchange.client_gone():
                     state.client_left = True
                     state.waiting.cancel()
 
@@ -625,17 +631,47 @@ class BedrockBalancer:
             client_gone=lambda: not flow.client_conn.state & ConnectionState.CAN_READ,
         )
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchange(flow)
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A stream's head from the relay is provisional: hold it until the relay decides the real one."""
+        state = self._flows.get(flow.id)
+        exchange = state.exchange if state is not None else None
         if exchange is None or not exchange.request.streaming:  # a whole answer was shown in the request hook
             return
-        if flow.response.headers.get("server") == LOOPBACK_SERVER:
-            del flow.response.headers["server"]
-        if flow.response.headers.get("content-type", "").startswith(EVENT_STREAM):
-            limit = ctx.options.bedrock_stream_copy
-            flow.response.stream = contentview.bounded_copy(limit, flow) if limit > 0 else True
+        if PROVISIONAL_HEADER not in flow.response.headers:  # the relay refused it: its answer is final
+            if flow.response.headers.get("server") == LOOPBACK_SERVER:
+                del flow.response.headers["server"]
+            self._show_upstream_request(flow, exchange)
+            return
+        limit = ctx.options.bedrock_stream_copy
+        flow.response.stream = contentview.bounded_copy(limit, flow) if limit > 0 else True
+        if exchange.head is None:
+            state.waiting, state.waiting_for_head = asyncio.current_task(), True
+            try:
+                await exchange.wait_for_head()
+            except asyncio.CancelledError:
+                if not state.client_left:
+                    raise  # the proxy is stopping
+                asyncio.current_task().uncancel()
+                self._client_left_before_head(flow, exchange)
+                return
+            finally:
+                state.waiting, state.waiting_for_head = None, False
+        status, headers = exchange.head
+        response = flow.response
+        response.status_code, response.reason, response.headers = status, status_codes.RESPONSES.get(status, ""), _headers(headers)
         self._show_upstream_request(flow, exchange)
         self._annotate(flow, exchange)
+
+    def _client_left_before_head(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """While the addon holds a stream's head, mitmproxy does not see its client leave; the client watch
+        does. The head is never sent: the flow is killed, which hangs up the relay's loopback and so
+        drops the attempt in flight."""
+        exchange.stream_outcome = "client-gone"
+        if exchange.attempts:
+            exchange.attempts[-1].abandon()
+        note_client_left(exchange)
+        self._show_upstream_request(flow, exchange)
+        flow.kill()
 
     def _show_upstream_request(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Make the flow show the request as it went upstream, so mitmweb and saved flows tell the truth."""
@@ -690,7 +726,7 @@ class BedrockBalancer:
         exchange = state.exchange
         self._settle_client(state)
         latency_ms = (time.monotonic() - state.started) * 1000
-        status = flow.response.status_code if flow.response is not None else None
+        status = _status_sent(flow, exchange)
         if exchange is not None and exchange.stream_outcome == "truncated":
             error = error or "stream truncated"
         record = access_record(flow, exchange, status, latency_ms, error)
@@ -744,6 +780,14 @@ def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | 
     return record
 
 
+def _status_sent(flow: http.HTTPFlow, exchange: Exchange | None) -> int | None:
+    """The status the client got: none for a stream whose client left while its head was still provisional."""
+    response = flow.response
+    if response is None or (exchange is not None and exchange.request.streaming and PROVISIONAL_HEADER in response.headers):
+        return None
+    return response.status_code
+
+
 def _call_soon(callback, *args) -> None:
     """Run ``callback`` after the hook in progress, and after what mitmproxy does when the hook returns."""
     try:
@@ -770,7 +814,30 @@ def _spare_legacy_log_hook() -> None:
 def _worth_an_add_log(record: logging.LogRecord) -> bool:
     if record.name == request_log.name:
         return False
-    return not (record.name == MITMPROXY_SERVER_LOG and isinstance(record.msg, str) and record.msg.startswith(STREAMING_LINE))
+    return not _is_streaming_line(record)
+
+
+def _is_streaming_line(record: logging.LogRecord) -> bool:
+    return record.name == MITMPROXY_SERVER_LOG and isinstance(record.msg, str) and record.msg.startswith(STREAMING_LINE)
+
+
+def _defer_streaming_line() -> None:
+    """Write mitmproxy's "Streaming response from ..." line a moment later, once the event loop is free.
+
+    mitmproxy logs it between sending a stream's head to the client and forwarding the first content
+    event, which the proxy has held back until it arrived (see Relay._handle): writing the line there
+    (about 80 µs, most of it the terminal's) delayed that event. The record keeps its time."""
+    server_log = logging.getLogger(MITMPROXY_SERVER_LOG)
+    if _later_if_streaming_line not in server_log.filters:
+        server_log.addFilter(_later_if_streaming_line)
+
+
+def _later_if_streaming_line(record: logging.LogRecord) -> bool:
+    if getattr(record, DEFERRED_ATTRIBUTE, False) or not _is_streaming_line(record):
+        return True
+    setattr(record, DEFERRED_ATTRIBUTE, True)
+    _call_soon(logging.getLogger(record.name).handle, record)
+    return False
 
 
 def _client_address(flow: http.HTTPFlow) -> str | None:

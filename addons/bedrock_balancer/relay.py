@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 EXCHANGE_HEADER = "x-bedrock-balancer-exchange"
 UPSTREAM_TLS_READ_BUFFER = 32 * 1024
 LISTEN_BACKLOG = 4096
+# Marks the relay's provisional head on the loopback (see Relay._handle); never reaches a client.
+PROVISIONAL_HEADER = "x-bedrock-balancer-provisional"
 REGION_HEADER = "x-bedrock-balancer-region"
 TARGET_HEADER = "x-bedrock-balancer-target"
 ATTEMPTS_HEADER = "x-bedrock-balancer-attempts"
@@ -145,6 +147,9 @@ class Exchange:
     # watch may cancel. Never during a state update (a Redis script cancelled half-way would leave a
     # reservation or a probe behind).
     cancellable: bool = False
+    # Streams: the status and headers the client gets, once the relay has decided them (see Relay._handle).
+    head: tuple[int, list[tuple[str, str]]] | None = field(default=None, repr=False)
+    _head_decided: asyncio.Future | None = field(default=None, repr=False)
     tokens: int = 0  # what the request reserves in quota budgets
     affinity_key: str | None = None
     # Whether the client has gone away: then no further attempt is made for it. (Streams learn it from
@@ -154,6 +159,18 @@ class Exchange:
     @property
     def target(self) -> Target | None:
         return self.choice.target if self.choice else None
+
+    def decide_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """The stream's final status and headers: what the client gets in place of the provisional head."""
+        self.head = (status, headers)
+        if self._head_decided is not None and not self._head_decided.done():
+            self._head_decided.set_result(None)
+
+    async def wait_for_head(self) -> tuple[int, list[tuple[str, str]]]:
+        if self.head is None:
+            self._head_decided = asyncio.get_running_loop().create_future()
+            await self._head_decided
+        return self.head
 
 
 @dataclass
@@ -274,19 +291,42 @@ class Relay:
     # -- one client request: attempts until one answers ----------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """The loopback server's handler: streaming exchanges that mitmproxy forwards here."""
+        """The loopback server's handler: streaming exchanges that mitmproxy forwards here.
+
+        The loopback answer starts with a provisional head, sent at once: mitmproxy parses it and runs its
+        addons' ``responseheaders`` while the upstream works, rather than when the first content event is
+        already waiting. The addon holds that head back from the client until the relay has decided the
+        real status and headers (``Exchange.decide_head``), which for an event stream is once its first
+        content event has arrived, so that failing over stays possible until then. The body follows: the
+        event stream, or a whole answer (an error, say)."""
         exchange = self._exchanges.pop(request.headers.get(EXCHANGE_HEADER, ""), None)
         if exchange is None:
             return _web_response(_error_answer(BedrockError("AccessDeniedException", "bedrock-balancer: not a request the proxy accepted")))
         await request.read()  # the addon already holds the body; drain what mitmproxy sent
-        outcome = await self.run(exchange, request)
-        return _web_response(outcome) if isinstance(outcome, Answer) else outcome
+        loopback = web.StreamResponse(headers={PROVISIONAL_HEADER: "1"})
+        try:
+            await _prepare(loopback, request)
+            outcome = await self.run(exchange, loopback)
+        except _ClientGone:
+            return loopback
+        except Exception:
+            # Never leave the addon waiting for a head that will not come: the client gets an error instead.
+            log.exception("bedrock-balancer: internal error in the relay")
+            outcome = self._proxy_error(exchange, BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)"))
+        if isinstance(outcome, Answer):
+            exchange.decide_head(outcome.status, outcome.headers + [("content-length", str(len(outcome.body)))])
+            try:
+                await loopback.write(outcome.body)
+                await loopback.write_eof()
+            except LOOPBACK_GONE:
+                pass
+        return loopback
 
-    async def run(self, exchange: Exchange, stream_to: web.BaseRequest | None = None) -> Answer | web.StreamResponse:
+    async def run(self, exchange: Exchange, loopback: web.StreamResponse | None = None) -> Answer | web.StreamResponse:
         """Attempts until one answers, or the retry budget is spent.
 
         Non-streaming requests are answered whole (the addon hands the Answer to mitmproxy itself, so
-        they skip the loopback hop); an event stream is piped to ``stream_to`` as it arrives.
+        they skip the loopback hop); an event stream is piped to the ``loopback`` answer as it arrives.
         """
         retry = self.config.retry
         deadline = exchange.started + retry.deadline_s
@@ -299,7 +339,7 @@ class Relay:
                 return self._proxy_error(exchange, e)
             if chosen is None:  # waited for a target until the deadline, or the client left meanwhile
                 break
-            outcome = await self._attempt(exchange, *chosen, stream_to)
+            outcome = await self._attempt(exchange, *chosen, loopback)
             if not isinstance(outcome, Failure):
                 return outcome
             failure = outcome
@@ -354,7 +394,7 @@ class Relay:
     # -- one attempt ---------------------------------------------------------------------------
 
     async def _attempt(
-        self, exchange: Exchange, choice: Choice, lease: Lease, stream_to: web.BaseRequest | None
+        self, exchange: Exchange, choice: Choice, lease: Lease, loopback: web.StreamResponse | None
     ) -> Answer | web.StreamResponse | Failure:
         target = choice.target
         attempt = Attempt(target.name, target.region)
@@ -368,10 +408,10 @@ class Relay:
             credentials = await self.credentials.get(target)
             path = upstream_path(exchange, choice)
             exchange.sent_headers = signed_headers_for(exchange, choice, path, credentials)
-            async with asyncio.timeout(self.config.retry.stall_timeout_s if stream_to is not None else None):
+            async with asyncio.timeout(self.config.retry.stall_timeout_s if loopback is not None else None):
                 exchange.cancellable = True
                 try:
-                    upstream = await self._send(exchange, target, path, stream_to)
+                    upstream = await self._send(exchange, target, path, streaming=loopback is not None)
                 finally:
                     exchange.cancellable = False
                 attempt.status = upstream.status
@@ -380,7 +420,7 @@ class Relay:
                     verdict = True
                     return await self._failed(exchange, lease, attempt, started, upstream, body)
                 is_stream = (
-                    stream_to is not None
+                    loopback is not None
                     and upstream.status == 200
                     and upstream.headers.get("Content-Type", "").startswith(EVENT_STREAM)
                 )
@@ -394,7 +434,7 @@ class Relay:
                 await self._succeeded(exchange, lease, attempt, started)
                 exchange.first_event_ms = _ms_since(exchange.started)
                 answered = True
-                return await self._stream(exchange, lease, upstream, stream_to, head, meter)
+                return await self._stream(exchange, lease, upstream, loopback, head, meter)
             body = await upstream.read()
             verdict = True
             await self._succeeded(exchange, lease, attempt, started)
@@ -429,9 +469,9 @@ class Relay:
             if upstream is not None:
                 upstream.release()
 
-    async def _send(self, exchange: Exchange, target: Target, path: str, stream_to: web.BaseRequest | None) -> aiohttp.ClientResponse | WholeAnswer:
+    async def _send(self, exchange: Exchange, target: Target, path: str, streaming: bool) -> aiohttp.ClientResponse | WholeAnswer:
         """Send the signed request: a whole answer through the lean pool, an event stream through aiohttp."""
-        if stream_to is None:
+        if not streaming:
             target_path = f"{path}?{exchange.raw_query}" if exchange.raw_query else path
             return await self._whole.request(
                 target.scheme, target.host, target.port, exchange.method, target_path, exchange.sent_headers, exchange.body
@@ -487,14 +527,14 @@ class Relay:
         return head, meter
 
     async def _stream(
-        self, exchange: Exchange, lease: Lease, upstream: aiohttp.ClientResponse, request: web.BaseRequest, head: bytearray,
+        self, exchange: Exchange, lease: Lease, upstream: aiohttp.ClientResponse, response: web.StreamResponse, head: bytearray,
         meter: "usage.StreamMeter",
     ) -> web.StreamResponse:
         """Pipe the event stream to the client frame by frame; a broken upstream ends it with an error frame."""
-        response = web.StreamResponse(status=upstream.status, headers=self._response_headers(exchange, upstream))
         pending = head  # bytes not yet written: only whole frames go out, so an error frame can follow cleanly
         try:
-            await _prepare(response, request)
+            # The loopback body is chunked; the client's is framed as the head says.
+            exchange.decide_head(upstream.status, self._response_headers(exchange, upstream) + [("transfer-encoding", "chunked")])
             pending = await _write_whole_frames(response, pending, meter)
             while True:
                 chunk = await upstream.content.readany()
