@@ -91,15 +91,38 @@ def test_curl_aws_sigv4_in_reverse_mode(emu, proxy_factory):
     assert [(r.region, r.auth_ok, r.access_key_id) for r in emu.requests] == [("us-west-2", True, PROXY_KEY)]
 
 
-def test_curl_streams_event_frames(emu, proxy_factory):
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_curl_streams_event_frames(emu, proxy_factory, http):
     proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
 
-    result = curl("-N", "-x", proxy.url, "--cacert", proxy.ca_cert, "-d", CONVERSE_BODY,
+    result = curl("-N", http, "-x", proxy.url, "--cacert", proxy.ca_cert, "-d", CONVERSE_BODY,
                   f"https://bedrock-runtime.us-east-1.amazonaws.com/model/{CURL_MODEL}/converse-stream")
 
     assert result.returncode == 0, result.stderr
     events = [f.event_type for f in decode_frames(result.stdout)]
     assert events[0] == "messageStart" and events[-1] == "metadata" and "contentBlockDelta" in events
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_curl_gets_a_streaming_requests_error_whole(emu, proxy_factory, http):
+    # A stream's head is held until the relay decides it; here the decision is a whole error answer.
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"]), "retry": {"max_attempts": 1}})
+    emu.set_mode("us-east-1", "throttle")
+
+    result = run(["curl", "--silent", "--show-error", "-N", http, "--aws-sigv4", "aws:amz:us-east-1:bedrock", "--user",
+                  f"{CLIENT_KEY}:{CLIENT_SECRET}", "-H", "content-type: application/json", "-D", "-", "-x", proxy.url,
+                  "--cacert", proxy.ca_cert, "-d", CONVERSE_BODY,
+                  f"https://bedrock-runtime.us-east-1.amazonaws.com/model/{CURL_MODEL}/converse-stream"], {})
+
+    assert result.returncode == 0, result.stderr
+    body = result.stdout
+    while body.startswith(b"HTTP/"):  # the proxy's answer to CONNECT, then the answer's own head
+        head, _, body = body.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in header_lines)}
+    assert status_line.split()[1] == "429" and headers["x-amzn-errortype"].startswith("ThrottlingException")
+    assert "x-bedrock-balancer-provisional" not in headers
+    assert json.loads(body)["message"]
 
 
 def test_other_hosts_are_not_intercepted(emu, proxy_factory):
