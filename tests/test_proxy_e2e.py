@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 import pytest
@@ -75,6 +76,15 @@ def test_reverse_mode_with_endpoint_url(emu, proxy_factory, client_via_endpoint)
 
     assert set(served.values()) == {"us-east-1", "us-west-2"}
     assert_only_proxy_credentials_went_upstream(emu)
+
+
+def test_the_start_up_heap_is_left_out_of_garbage_collections(emu, proxy_factory, client_via_proxy):
+    # mitmproxy makes cyclic garbage on every request; a full collection that also walked everything
+    # start-up built (botocore's models among it) stopped the proxy for about 50 ms (scripts/bench).
+    gc.unfreeze()
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    assert gc.get_freeze_count() > 10_000
+    assert served_region(client_via_proxy(proxy).converse(modelId=CLAUDE, messages=MESSAGES)) == "us-east-1"
 
 
 def test_weighted_round_robin_follows_weights(emu, proxy_factory, client_via_proxy):
