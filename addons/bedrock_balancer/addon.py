@@ -796,9 +796,10 @@ def _freeze_startup_heap() -> None:
 
     mitmproxy makes cyclic garbage on every request (its debug-mode type checks raise and catch a TypeError
     per optional field of each request and response, and the traceback holds the frames), so the collector
-    runs often, and now and then a full collection walks the whole heap: in scripts/bench's phase (b) that
-    stopped the proxy for about 50 ms every few hundred streams. With the start-up heap frozen, a full
-    collection walks only what came after: about 5 to 10 ms."""
+    runs often, and now and then a full collection walks the whole heap. Under scripts/bench's load that
+    stopped the proxy for about 50 ms every few thousand requests. With the start-up heap frozen, a full
+    collection walks only what came after: about 8 ms, and the collector's share of the CPU per request
+    fell from about 37 to 29 µs."""
     gc.collect()  # what is garbage now would never be collected once frozen
     gc.freeze()
 
