@@ -6,7 +6,7 @@ import gc
 from collections import Counter
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EventStreamError
 
 from proxyharness import CLIENT_KEY, PROXY_KEY, targets_for
 
@@ -82,9 +82,12 @@ def test_the_start_up_heap_is_left_out_of_garbage_collections(emu, proxy_factory
     # mitmproxy makes cyclic garbage on every request; a full collection that also walked everything
     # start-up built (botocore's models among it) stopped the proxy for about 50 ms (scripts/bench).
     gc.unfreeze()
-    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
-    assert gc.get_freeze_count() > 10_000
-    assert served_region(client_via_proxy(proxy).converse(modelId=CLAUDE, messages=MESSAGES)) == "us-east-1"
+    try:
+        proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+        assert gc.get_freeze_count() > 10_000
+        assert served_region(client_via_proxy(proxy).converse(modelId=CLAUDE, messages=MESSAGES)) == "us-east-1"
+    finally:
+        gc.unfreeze()
 
 
 def test_weighted_round_robin_follows_weights(emu, proxy_factory, client_via_proxy):
@@ -147,6 +150,18 @@ def test_streamed_answers_carry_the_upstreams_headers_not_the_relays(emu, proxy_
         assert "x-bedrock-balancer-provisional" not in headers  # the relay's provisional head stays in the proxy
     assert failed.value.response["Error"]["Code"] == "ServiceUnavailableException"
     assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+
+
+def test_a_streaming_request_of_several_megabytes_streams(emu, proxy_factory, client_via_proxy):
+    # An image or a document makes a body of several MB; streams pass through the relay's loopback server.
+    client = client_via_proxy(proxy_factory({"targets": targets_for(emu, ["us-west-2"])}))
+    document = [{"role": "user", "content": [{"text": "words " * 500_000}]}]  # 3 MB
+
+    response = client.converse_stream(modelId=CLAUDE, messages=document)
+
+    events = list(response["stream"])
+    assert "contentBlockDelta" in events[1] and "metadata" in events[-1]
+    assert served_region(response) == "us-west-2"
 
 
 def test_invoke_stream_chunks_arrive_while_the_upstream_is_still_sending(emu, proxy_factory, client_via_endpoint):
@@ -300,6 +315,60 @@ def test_an_internal_error_is_answered_and_logged_never_forwarded(emu, proxy_fac
     assert emu.requests == []
     record = proxy.wait_for_records(1)[-1]
     assert record["status"] == 500 and "internal error" in record["error"]
+
+
+@pytest.mark.parametrize("after_content", [False, True])
+def test_an_internal_error_in_a_stream_is_answered_never_the_provisional_head(emu, proxy_factory, client_via_proxy, monkeypatch, after_content):
+    from bedrock_balancer import relay, usage
+
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    client = client_via_proxy(proxy)
+    if after_content:  # the head has been decided and content sent: the stream ends with an error event
+        feed = usage.StreamMeter.feed
+
+        def a_bug(meter, data):
+            if meter.content_seen:
+                raise RuntimeError("a bug in the relay")
+            feed(meter, data)
+
+        monkeypatch.setattr(usage.StreamMeter, "feed", a_bug)
+        response = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+        with pytest.raises(EventStreamError, match="internal error"):
+            list(response["stream"])
+        assert "x-bedrock-balancer-provisional" not in response["ResponseMetadata"]["HTTPHeaders"]
+        assert proxy.wait_for_records(1)[-1]["stream"] == "truncated"
+        return
+
+    async def a_bug(*args):
+        raise RuntimeError("a bug in the relay")
+
+    monkeypatch.setattr(relay.Relay, "_attempt", a_bug)
+    with pytest.raises(client.exceptions.InternalServerException, match="internal error") as raised:
+        client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+    assert "x-bedrock-balancer-provisional" not in raised.value.response["ResponseMetadata"]["HTTPHeaders"]
+    record = proxy.wait_for_records(1)[-1]
+    assert record["status"] == 500 and "internal error" in record["error"]
+
+
+def test_a_streaming_requests_error_is_kept_in_the_flow_without_a_stream_copy(emu, proxy_factory, client_via_proxy):
+    from mitmproxy import http as mhttp
+
+    kept = []
+
+    class Recorder:
+        def response(self, flow: mhttp.HTTPFlow) -> None:
+            kept.append((flow.response.status_code, flow.response.content))
+
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"]), "retry": {"max_attempts": 1}}, bedrock_stream_copy=0)
+    proxy.master.addons.add(Recorder())
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "throttle")
+
+    with pytest.raises(client.exceptions.ThrottlingException):
+        client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+
+    (status, body), = kept
+    assert status == 429 and b"message" in body  # mitmweb and saved flows show the error, as for any answer
 
 
 def test_client_errors_from_upstream_reach_the_client_unchanged(emu, proxy_factory, client_via_proxy):

@@ -75,6 +75,7 @@ def test_request_and_stream_lines_skip_only_the_deprecated_add_log_hook():
     try:
         addon._spare_legacy_log_hook()
         addon._spare_legacy_log_hook()  # idempotent: one filter, however often the proxy starts
+        addon._defer_streaming_line()  # with no event loop running, the line is written at once
         addon.request_log.info("bedrock Converse m us-east-1 -> us-west-2 status=200 12ms")
         addon.log.warning("bedrock-balancer: something the operator must see")
         # As mitmproxy's ConnectionHandler.log does it, when a stream starts:
@@ -85,6 +86,7 @@ def test_request_and_stream_lines_skip_only_the_deprecated_add_log_hook():
         root.removeHandler(legacy)
         addon.request_log.setLevel(level)
         mitmproxy_server.setLevel(server_level)
+        mitmproxy_server.removeFilter(addon._later_if_streaming_line)
     assert [r.getMessage() for r in terminal.records] == [
         "bedrock Converse m us-east-1 -> us-west-2 status=200 12ms",
         "bedrock-balancer: something the operator must see",

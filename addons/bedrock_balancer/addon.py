@@ -32,7 +32,7 @@ from mitmproxy.proxy import mode_specs
 from . import accesslog, admin, affinity, classify, clientauth, config as config_module, contentview, quota
 from .credentials import CredentialStore
 from .errors import BedrockError
-from .relay import EXCHANGE_HEADER, LOOPBACK_SERVER, PROVISIONAL_HEADER, Exchange, Relay, forwardable_headers, note_client_left, redacted, upstream_path
+from .relay import EVENT_STREAM, EXCHANGE_HEADER, LOOPBACK_SERVER, PROVISIONAL_HEADER, Exchange, Relay, forwardable_headers, note_client_left, redacted, upstream_path
 from . import state as state_module
 from .routing import Router
 
@@ -548,9 +548,10 @@ class BedrockBalancer:
         while True:
             await asyncio.sleep(CLIENT_WATCH_INTERVAL_S)
             for state in self._flows.values():
+                if state.waiting is None or state.client_left:
+                    continue
                 exchange = state.exchange
-                cancellable = state.waiting_for_head or exchange.cancellable
-                if state.waiting is not None and cancellable and not state.client_left and exchange.client_gone():
+                if (state.waiting_for_head or exchange.cancellable) and exchange.client_gone():
                     state.client_left = True
                     state.waiting.cancel()
 
@@ -634,7 +635,6 @@ class BedrockBalancer:
         )
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """A stream's head from the relay is provisional: hold it until the relay decides the real one."""
         state = self._flows.get(flow.id)
         exchange = state.exchange if state is not None else None
         if exchange is None or not exchange.request.streaming:  # a whole answer was shown in the request hook
@@ -644,8 +644,16 @@ class BedrockBalancer:
                 del flow.response.headers["server"]
             self._show_upstream_request(flow, exchange)
             return
-        limit = ctx.options.bedrock_stream_copy
-        flow.response.stream = contentview.bounded_copy(limit, flow) if limit > 0 else True
+        try:
+            await self._give_head(flow, state, exchange)
+        except Exception:
+            # Never let a bug send the client the provisional head.
+            log.exception("bedrock-balancer: internal error on %s", flow.request.pretty_url)
+            if PROVISIONAL_HEADER in flow.response.headers and flow.killable:
+                flow.kill()
+
+    async def _give_head(self, flow: http.HTTPFlow, state: _FlowState, exchange: Exchange) -> None:
+        """A stream's head from the relay is provisional: hold it until the relay decides the real one."""
         if exchange.head is None:
             state.waiting, state.waiting_for_head = asyncio.current_task(), True
             try:
@@ -661,6 +669,9 @@ class BedrockBalancer:
         status, headers = exchange.head
         response = flow.response
         response.status_code, response.reason, response.headers = status, status_codes.RESPONSES.get(status, ""), _headers(headers)
+        if response.headers.get("content-type", "").startswith(EVENT_STREAM):  # a whole answer (an error) is sent whole
+            limit = ctx.options.bedrock_stream_copy
+            response.stream = contentview.bounded_copy(limit, flow) if limit > 0 else True
         self._show_upstream_request(flow, exchange)
         self._annotate(flow, exchange)
 
@@ -800,6 +811,8 @@ def _freeze_startup_heap() -> None:
     stopped the proxy for about 50 ms every few thousand requests. With the start-up heap frozen, a full
     collection walks only what came after: about 8 ms, and the collector's share of the CPU per request
     fell from about 37 to 29 µs."""
+    if gc.get_freeze_count():  # once per process: a reloaded script or another proxy started in it
+        return
     gc.collect()  # what is garbage now would never be collected once frozen
     gc.freeze()
 

@@ -302,7 +302,10 @@ class Relay:
         exchange = self._exchanges.pop(request.headers.get(EXCHANGE_HEADER, ""), None)
         if exchange is None:
             return _web_response(_error_answer(BedrockError("AccessDeniedException", "bedrock-balancer: not a request the proxy accepted")))
-        await request.read()  # the addon already holds the body; drain what mitmproxy sent
+        # The addon already holds the body: drain what mitmproxy sent, whatever its size (BaseRequest.read()
+        # would refuse more than aiohttp's 1 MiB, which a request with an image or a document exceeds).
+        while await request.content.readany():
+            pass
         loopback = web.StreamResponse(headers={PROVISIONAL_HEADER: "1"})
         try:
             await _prepare(loopback, request)
@@ -310,9 +313,8 @@ class Relay:
         except _ClientGone:
             return loopback
         except Exception:
-            # Never leave the addon waiting for a head that will not come: the client gets an error instead.
             log.exception("bedrock-balancer: internal error in the relay")
-            outcome = self._proxy_error(exchange, BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)"))
+            outcome = await self._internal_error(exchange, loopback)
         if isinstance(outcome, Answer):
             exchange.decide_head(outcome.status, outcome.headers + [("content-length", str(len(outcome.body)))])
             try:
@@ -320,6 +322,20 @@ class Relay:
                 await loopback.write_eof()
             except LOOPBACK_GONE:
                 pass
+        return loopback
+
+    async def _internal_error(self, exchange: Exchange, loopback: web.StreamResponse) -> Answer | web.StreamResponse:
+        """Never leave the addon waiting for a head that will not come: the client gets an error instead, as
+        an answer of its own, or, once the stream's head is decided, as its last event."""
+        message = "bedrock-balancer: internal error (see the proxy's log)"
+        if exchange.head is None:
+            return self._proxy_error(exchange, BedrockError("InternalServerException", message))
+        exchange.stream_outcome = "truncated"
+        try:
+            await loopback.write(eventstream.exception_frame("internalServerException", message))
+            await loopback.write_eof()
+        except LOOPBACK_GONE:
+            pass
         return loopback
 
     async def run(self, exchange: Exchange, loopback: web.StreamResponse | None = None) -> Answer | web.StreamResponse:
