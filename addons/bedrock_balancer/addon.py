@@ -723,10 +723,6 @@ class BedrockBalancer:
                 exchange.stream_outcome = "truncated"
         self._finish(flow, state, error=(exchange.error if exchange else None) or message)
 
-    def _exchange(self, flow: http.HTTPFlow) -> Exchange | None:
-        state = self._flows.get(flow.id)
-        return state.exchange if state is not None else None
-
     def _annotate(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Comment and marker for mitmweb, from what is known so far (``_finish`` completes them)."""
         _show_in_mitmweb(flow, access_record(flow, exchange, flow.response.status_code if flow.response else None, 0.0, exchange.error))

@@ -317,11 +317,7 @@ class Relay:
             outcome = await self._internal_error(exchange, loopback)
         if isinstance(outcome, Answer):
             exchange.decide_head(outcome.status, outcome.headers + [("content-length", str(len(outcome.body)))])
-            try:
-                await loopback.write(outcome.body)
-                await loopback.write_eof()
-            except LOOPBACK_GONE:
-                pass
+            await _write_last(loopback, outcome.body)
         return loopback
 
     async def _internal_error(self, exchange: Exchange, loopback: web.StreamResponse) -> Answer | web.StreamResponse:
@@ -331,11 +327,7 @@ class Relay:
         if exchange.head is None:
             return self._proxy_error(exchange, BedrockError("InternalServerException", message))
         exchange.stream_outcome = "truncated"
-        try:
-            await loopback.write(eventstream.exception_frame("internalServerException", message))
-            await loopback.write_eof()
-        except LOOPBACK_GONE:
-            pass
+        await _write_last(loopback, eventstream.exception_frame("internalServerException", message))
         return loopback
 
     async def run(self, exchange: Exchange, loopback: web.StreamResponse | None = None) -> Answer | web.StreamResponse:
@@ -586,11 +578,7 @@ class Relay:
         await self.state.settle(lease, meter.usage.total(unknown=exchange.tokens))
         await self.state.failed(lease, f"stream broke off after {meter.frames} events ({why})")
         message = f"bedrock-balancer: the answer from {target} broke off after {meter.frames} events ({why}); it is incomplete"
-        try:
-            await response.write(eventstream.exception_frame("serviceUnavailableException", message))
-            await response.write_eof()
-        except LOOPBACK_GONE:
-            pass
+        await _write_last(response, eventstream.exception_frame("serviceUnavailableException", message))
         return response
 
     # -- answers -------------------------------------------------------------------------------
@@ -636,6 +624,15 @@ async def _write_whole_frames(response: web.StreamResponse, pending: bytearray, 
             raise _ClientGone() from e
         del pending[:complete]
     return pending
+
+
+async def _write_last(response: web.StreamResponse, data: bytes) -> None:
+    """The end of a loopback answer; nobody to tell if mitmproxy has hung up meanwhile (the client left)."""
+    try:
+        await response.write(data)
+        await response.write_eof()
+    except LOOPBACK_GONE:
+        pass
 
 
 def _ms_since(started: float) -> float:
