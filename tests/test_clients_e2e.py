@@ -103,6 +103,58 @@ def test_curl_streams_event_frames(emu, proxy_factory, http):
     assert events[0] == "messageStart" and events[-1] == "metadata" and "contentBlockDelta" in events
 
 
+def test_an_http2_stream_whose_request_has_no_content_length_streams(emu, proxy_factory):
+    # HTTP/2 frames a body by its DATA frames: a client need not send content-length (boto3 and curl do).
+    import socket
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    host = "bedrock-runtime.us-east-1.amazonaws.com"
+    path = f"/model/{CURL_MODEL}/converse-stream"
+    signed = AWSRequest("POST", f"https://{host}{path}", data=CONVERSE_BODY.encode(), headers={"content-type": "application/json"})
+    SigV4Auth(Credentials(CLIENT_KEY, CLIENT_SECRET), "bedrock", "us-east-1").add_auth(signed)
+    headers = [(":method", "POST"), (":path", path), (":scheme", "https"), (":authority", host)]
+    headers += [(name.lower(), value) for name, value in signed.headers.items() if name.lower() != "host"]
+    assert "content-length" not in dict(headers)
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        raw.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+        assert raw.recv(1024).startswith(b"HTTP/1.1 200")
+        tls = ssl.create_default_context(cafile=proxy.ca_cert)
+        tls.set_alpn_protocols(["h2"])
+        with tls.wrap_socket(raw, server_hostname=host) as sock:
+            assert sock.selected_alpn_protocol() == "h2"
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(1, headers)
+            conn.send_data(1, CONVERSE_BODY.encode(), end_stream=True)
+            sock.sendall(conn.data_to_send())
+            status, body, ended = None, b"", False
+            while not ended:
+                data = sock.recv(65536)
+                assert data, "the proxy closed the connection"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = dict(event.headers)[b":status"]
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                    elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                        ended = True
+                sock.sendall(conn.data_to_send())
+
+    assert status == b"200", body
+    events = [f.event_type for f in decode_frames(body)]
+    assert events[0] == "messageStart" and "contentBlockDelta" in events and events[-1] == "metadata"
+
+
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
 def test_curl_gets_a_streaming_requests_error_whole(emu, proxy_factory, http):
     # A stream's head is held until the relay decides it; here the decision is a whole error answer.

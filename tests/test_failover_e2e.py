@@ -96,7 +96,16 @@ def test_a_stream_that_begins_then_stalls_is_failed_over(emu, proxy_factory, cli
 def test_a_client_that_leaves_before_its_stream_begins_costs_nothing_more(emu, proxy_factory, client_via_proxy):
     from botocore.config import Config
 
+    from mitmproxy import http as mhttp
+
+    answers = []
+
+    class Recorder:
+        def error(self, flow: mhttp.HTTPFlow) -> None:
+            answers.append(flow.response)
+
     proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "stall_timeout_s": 30}))
+    proxy.master.addons.add(Recorder())
     client = client_via_proxy(proxy, config=Config(retries={"total_max_attempts": 1}, read_timeout=0.5))
     emu.set_mode("us-east-1", "stream_stall")
 
@@ -106,6 +115,7 @@ def test_a_client_that_leaves_before_its_stream_begins_costs_nothing_more(emu, p
     # The proxy holds the stream's head until its first event: the client watch notices the app leave.
     assert record["region"] == "us-east-1" and "the client went away after 1 attempts" in record["error"]
     assert record["status"] is None and record["stream"] == "client-gone"
+    assert answers == [None]  # mitmweb and saved flows show no answer: there was none
     (attempt,) = record["attempts"]
     assert attempt["error"] == "abandoned" and attempt["ms"] >= 400  # the app waited 0.5 s for it
 
@@ -258,6 +268,21 @@ def test_a_target_without_access_to_the_model_is_failed_over_and_its_message_sta
     with pytest.raises(client.exceptions.AccessDeniedException, match="has no access to this request") as raised:
         client.converse(modelId=CLAUDE, messages=MESSAGES)
     assert "arn:aws:sts" not in str(raised.value)  # AWS's message names the proxy's role: it stays in the log
+
+
+@pytest.mark.parametrize("strategy", ["priority", "quota", "round-robin", "least-outstanding", "latency"])
+def test_every_strategy_fails_over_from_a_target_without_access_to_the_model(emu, proxy_factory, client_via_proxy, strategy):
+    # Access is no cooldown, so nothing else keeps a strategy that prefers us-east-1 from choosing it again.
+    config = two_regions(emu, strategy=strategy)
+    config["targets"][1]["priority"] = 1
+    proxy = proxy_factory(config)
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "access_denied")
+
+    for _ in range(3):
+        response = client.converse(modelId=CLAUDE, messages=MESSAGES)
+        assert served_region(response) == "us-west-2"
+        assert attempts_header(response)[-1] == ("us-west-2", "200")
 
 
 def test_when_every_target_cools_down_the_request_waits_for_the_first_to_recover(emu, proxy_factory, client_via_proxy):

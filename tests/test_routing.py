@@ -9,7 +9,7 @@ import pytest
 from bedrock_balancer import config, geography
 from bedrock_balancer.classify import classify
 from bedrock_balancer.errors import BedrockError
-from bedrock_balancer.routing import Router
+from bedrock_balancer.routing import NotYet, Router
 
 HOST = "bedrock-runtime.us-east-1.amazonaws.com"
 
@@ -26,6 +26,15 @@ def test_smooth_weighted_round_robin_interleaves():
     r = router([{"region": "us-east-1", "weight": 2}, {"region": "us-west-2"}])
     picks = [r.choose(converse()).target.region for _ in range(6)]
     assert picks == ["us-east-1", "us-west-2", "us-east-1"] * 2
+
+
+def test_a_target_excluded_for_a_request_is_not_chosen_again_for_it():
+    r = router([{"region": "us-east-1", "priority": 0}, {"region": "us-west-2", "priority": 1}], strategy="priority")
+    assert r.choose(converse()).target.region == "us-east-1"
+    assert r.choose(converse(), excluded={"us-east-1"}).target.region == "us-west-2"
+    with pytest.raises(NotYet) as nothing_left:
+        r.choose(converse(), excluded={"us-east-1", "us-west-2"})
+    assert nothing_left.value.retry_at == float("inf") and "no access" in nothing_left.value.reason
 
 
 def test_least_outstanding_prefers_fewest_in_flight_per_weight():

@@ -48,6 +48,18 @@ def test_state_option_validation():
         assert problem and problem.startswith("bedrock_state:"), bad
 
 
+def test_shared_state_keeps_a_requests_excluded_targets_out(redis_server):
+    targets = [{"region": "us-east-1", "priority": 0}, {"region": "us-west-2", "priority": 1}]
+    a = instance(redis_server.url, targets, strategy="priority")
+
+    async def body():
+        first, _ = await a.acquire(converse(), 10, None)
+        other, lease = await a.acquire(converse(), 10, None, {"us-east-1"})
+        assert (first.target.region, other.target.region, lease.local) == ("us-east-1", "us-west-2", False)
+
+    run(_closing([a], body))
+
+
 def test_budgets_are_shared_across_instances(redis_server):
     targets = [{"region": "us-east-1", "rpm": 3}]
     a, b = instance(redis_server.url, targets), instance(redis_server.url, targets)

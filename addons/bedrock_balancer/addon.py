@@ -515,8 +515,13 @@ class BedrockBalancer:
         state.relay_token = self.relay.register(exchange)
         flow.request.scheme, flow.request.host, flow.request.port = "http", *self.relay.address
         # Only the client's forwardable headers (and Host) travel even the loopback hop: not its credentials.
-        keep = {n.lower() for n, _ in exchange.headers} | {"host", "content-length", "transfer-encoding"}
-        flow.request.headers = _headers([(n, v) for n, v in request.headers if n.lower() in keep] + [(EXCHANGE_HEADER, state.relay_token)])
+        # The body is whole, and framed by its length whatever framing the client used (an HTTP/2 client may
+        # send none, and the loopback is HTTP/1.1).
+        keep = {n.lower() for n, _ in exchange.headers} | {"host"}
+        flow.request.headers = _headers(
+            [(n, v) for n, v in request.headers if n.lower() in keep]
+            + [("content-length", str(len(exchange.body))), (EXCHANGE_HEADER, state.relay_token)]
+        )
 
     async def _whole_answer(self, flow: http.HTTPFlow, state: _FlowState, exchange: Exchange) -> None:
         """mitmproxy sends a non-streamed answer whole anyway: the relay's client fetches it (with failover)
@@ -650,7 +655,7 @@ class BedrockBalancer:
             # Never let a bug send the client the provisional head.
             log.exception("bedrock-balancer: internal error on %s", flow.request.pretty_url)
             if PROVISIONAL_HEADER in flow.response.headers and flow.killable:
-                flow.kill()
+                _kill_without_answer(flow)
 
     async def _give_head(self, flow: http.HTTPFlow, state: _FlowState, exchange: Exchange) -> None:
         """A stream's head from the relay is provisional: hold it until the relay decides the real one."""
@@ -684,7 +689,7 @@ class BedrockBalancer:
             exchange.attempts[-1].abandon()
         note_client_left(exchange)
         self._show_upstream_request(flow, exchange)
-        flow.kill()
+        _kill_without_answer(flow)
 
     def _show_upstream_request(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Make the flow show the request as it went upstream, so mitmweb and saved flows tell the truth."""
@@ -735,7 +740,7 @@ class BedrockBalancer:
         exchange = state.exchange
         self._settle_client(state)
         latency_ms = (time.monotonic() - state.started) * 1000
-        status = _status_sent(flow, exchange)
+        status = flow.response.status_code if flow.response is not None else None
         if exchange is not None and exchange.stream_outcome == "truncated":
             error = error or "stream truncated"
         record = access_record(flow, exchange, status, latency_ms, error)
@@ -789,12 +794,11 @@ def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | 
     return record
 
 
-def _status_sent(flow: http.HTTPFlow, exchange: Exchange | None) -> int | None:
-    """The status the client got: none for a stream whose client left while its head was still provisional."""
-    response = flow.response
-    if response is None or (exchange is not None and exchange.request.streaming and PROVISIONAL_HEADER in response.headers):
-        return None
-    return response.status_code
+def _kill_without_answer(flow: http.HTTPFlow) -> None:
+    """Kill a flow whose head is still the relay's provisional one: nothing reaches the client, and the flow
+    (mitmweb, saved flows, the access log) keeps no answer, since there was none."""
+    flow.response = None
+    flow.kill()
 
 
 def _freeze_startup_heap() -> None:

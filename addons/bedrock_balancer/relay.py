@@ -150,6 +150,9 @@ class Exchange:
     # Streams: the status and headers the client gets, once the relay has decided them (see Relay._handle).
     head: tuple[int, list[tuple[str, str]]] | None = field(default=None, repr=False)
     _head_decided: asyncio.Future | None = field(default=None, repr=False)
+    # Targets where the proxy's account has no access to this request (they answered 403 AccessDenied): not
+    # tried again for it, whatever the strategy would choose.
+    excluded: set[str] = field(default_factory=set)
     tokens: int = 0  # what the request reserves in quota budgets
     affinity_key: str | None = None
     # Whether the client has gone away: then no further attempt is made for it. (Streams learn it from
@@ -362,7 +365,7 @@ class Relay:
         """A target for the next attempt, reserved in its budgets, waiting for one to recover if all are cooling down."""
         while True:
             try:
-                exchange.choice, lease = await self.state.acquire(exchange.request, exchange.tokens, exchange.affinity_key)
+                exchange.choice, lease = await self.state.acquire(exchange.request, exchange.tokens, exchange.affinity_key, exchange.excluded)
                 return exchange.choice, lease
             except NotYet as not_yet:
                 now = time.monotonic()
@@ -497,6 +500,7 @@ class Relay:
         if upstream.status == 403 and not refused:
             # No access to the model in the proxy's account there: another target may have it. Not a cooldown:
             # with no target that has access, every request would then get a 429 that hides the cause.
+            exchange.excluded.add(choice.target.name)
             await self.state.release_probe(lease)
         else:
             await self.state.failed(lease, f"{upstream.status} {error_type}", whole_target=refused, retry_after_s=parse_retry_after(upstream.headers.get))

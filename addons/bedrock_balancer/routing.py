@@ -113,12 +113,14 @@ class Router:
     # -- choosing ------------------------------------------------------------------------------
 
     def choose(
-        self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None, *, cooldowns=None, ledger=None, rotation=None
+        self, request: BedrockRequest, tokens: int = 0, affinity_key: str | None = None, *, cooldowns=None, ledger=None, rotation=None,
+        excluded: frozenset[str] | set[str] = frozenset(),
     ) -> Choice:
         """The target for this request now; raises :class:`NotYet` or a :class:`BedrockError`.
 
-        ``cooldowns``, ``ledger`` and ``rotation`` replace the router's own for this decision: a shared
-        state backend passes its view of the shared state (see :mod:`.state`)."""
+        ``excluded`` names targets this request must not go to again (they answered that the proxy's
+        account there has no access to it). ``cooldowns``, ``ledger`` and ``rotation`` replace the router's
+        own for this decision: a shared state backend passes its view of the shared state (see :mod:`.state`)."""
         rotation = rotation or self.rotation
         rotation.last_step = None
         cooldowns = cooldowns or self.cooldowns
@@ -134,6 +136,10 @@ class Router:
                 f"counts them), more than the tpm budget of any target that may serve it (the largest: {largest}); "
                 "lower its max tokens, or raise the targets' tpm",
             )
+        if excluded:
+            choices = [c for c in choices if c.target.name not in excluded]
+            if not choices:
+                raise NotYet(float("inf"), "every target that may serve it has answered that the proxy has no access to it there")
         available = [c for c in choices if cooldowns.available(c.target.name, c.model_id)]
         headroom = {c.target.name: ledger.headroom(budgets_for(c.target, c.model_id), tokens) for c in available}
         available = [c for c in available if headroom[c.target.name] is None or headroom[c.target.name] >= 0]

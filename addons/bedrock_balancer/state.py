@@ -94,9 +94,9 @@ class MemoryState:
     def status(self) -> str:
         return "memory"
 
-    async def acquire(self, request, tokens: int, affinity_key: str | None) -> tuple[Choice, Lease]:
+    async def acquire(self, request, tokens: int, affinity_key: str | None, excluded: frozenset[str] | set[str] = frozenset()) -> tuple[Choice, Lease]:
         router = self.router
-        choice = router.choose(request, tokens, affinity_key)
+        choice = router.choose(request, tokens, affinity_key, excluded=excluded)
         probe = router.cooldowns.begin(choice.target.name, choice.model_id)
         reservation = router.ledger.reserve(budgets_for(choice.target, choice.model_id), tokens)
         return choice, Lease(choice, reservation, probe=probe)
@@ -468,11 +468,11 @@ class RedisState:
 
     # -- the backend interface -----------------------------------------------------------------
 
-    async def acquire(self, request, tokens: int, affinity_key: str | None) -> tuple[Choice, Lease]:
+    async def acquire(self, request, tokens: int, affinity_key: str | None, excluded: frozenset[str] | set[str] = frozenset()) -> tuple[Choice, Lease]:
         router = self.router
         candidates = router.eligible(request)
         if not candidates or not self._usable():
-            return await self._local_acquire(request, tokens, affinity_key)
+            return await self._local_acquire(request, tokens, affinity_key, excluded)
         cache_key = tuple((c.target.name, c.model_id) for c in candidates)
         args = self._candidate_args(candidates)
         view = self._views.get(cache_key)
@@ -481,12 +481,12 @@ class RedisState:
             if view is None:
                 reply = await self._call(self._acquire, [self.prefix, int(router.config.quota_window_s * 1000), tokens, 0, "", 0] + args)
                 if reply is None:
-                    return await self._local_acquire(request, tokens, affinity_key)
+                    return await self._local_acquire(request, tokens, affinity_key, excluded)
                 view, fresh = _View(reply, candidates, time.monotonic()), True
                 self._remember(cache_key, view)
             try:
                 rotation = Rotation(dict(view.weights))
-                choice = router.choose(request, tokens, affinity_key, cooldowns=view, ledger=view, rotation=rotation)
+                choice = router.choose(request, tokens, affinity_key, cooldowns=view, ledger=view, rotation=rotation, excluded=excluded)
             except NotYet as not_yet:
                 if fresh:
                     self._views.pop(cache_key, None)  # look again next time
@@ -508,7 +508,7 @@ class RedisState:
                 [self.prefix, int(router.config.quota_window_s * 1000), tokens, index + 1, entry_id, int(PROBE_TTL_S * 1000)] + args + round_args,
             )
             if reply is None:
-                return await self._local_acquire(request, tokens, affinity_key)
+                return await self._local_acquire(request, tokens, affinity_key, excluded)
             view, fresh = _View(reply, candidates, time.monotonic()), True
             self._remember(cache_key, view)
             if int(reply[0]) == 1:
@@ -523,8 +523,8 @@ class RedisState:
             self._views.clear()  # bounded: one view per set of candidates (targets x models) in use
         self._views[key] = view
 
-    async def _local_acquire(self, request, tokens, affinity_key):
-        return await self.local.acquire(request, tokens, affinity_key)
+    async def _local_acquire(self, request, tokens, affinity_key, excluded):
+        return await self.local.acquire(request, tokens, affinity_key, excluded)
 
     async def succeeded(self, lease: Lease) -> None:
         if lease.local:
