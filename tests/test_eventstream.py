@@ -302,3 +302,27 @@ def test_encoder_rejects_oversized_and_unknown_values():
         encode_frame({"n": "v" * 70000}, b"")
     with pytest.raises(TypeError):
         encode_frame({"n": 1.5}, b"")
+
+
+def _invoke_chunk(event: dict) -> bytes:
+    import base64
+    import json
+
+    return event_frame("chunk", {"bytes": base64.b64encode(json.dumps(event).encode()).decode()})
+
+
+@pytest.mark.parametrize("opening, content", [
+    ([event_frame("messageStart", {"role": "assistant"})], event_frame("contentBlockDelta", {"delta": {"text": "Hi"}})),
+    ([_invoke_chunk({"type": "message_start", "message": {}}), _invoke_chunk({"type": "content_block_start", "index": 0}),
+      _invoke_chunk({"type": "ping"})], _invoke_chunk({"type": "content_block_delta", "delta": {"text": "Hi"}})),
+    ([], event_frame("chunk", {"bytes": "not base64 json"})),  # a chunk the meter cannot read is content
+])
+def test_the_meter_sees_content_only_after_the_events_that_open_an_answer(opening, content):
+    from bedrock_balancer.usage import StreamMeter
+
+    meter = StreamMeter()
+    for frame in opening:
+        meter.feed(frame)
+    assert not meter.content_seen  # the stream may still fail over
+    meter.feed(content)
+    assert meter.content_seen and meter.frames == len(opening) + 1

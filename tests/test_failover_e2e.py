@@ -93,6 +93,25 @@ def test_a_stream_that_begins_then_stalls_is_failed_over(emu, proxy_factory, cli
     assert proxy.wait_for_records(1)[0]["attempts"][0]["error"] == "stalled before its first event"
 
 
+def test_an_invoke_stream_that_opens_then_stalls_is_failed_over(emu, proxy_factory, client_via_proxy):
+    # Anthropic models open a streamed InvokeModel answer with message_start and content_block_start
+    # chunks; us-east-1 sends those, then nothing. The client must get us-west-2's answer, opened once.
+    import json
+
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "stall_timeout_s": 0.5}))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "stream_stall")
+    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]})
+
+    response = client.invoke_model_with_response_stream(modelId=CLAUDE, body=body)
+    types = [json.loads(event["chunk"]["bytes"])["type"] for event in response["body"]]
+
+    assert types.count("message_start") == 1 and types[-1] == "message_stop" and "content_block_delta" in types
+    assert served_region(response) == "us-west-2"
+    assert attempts_header(response) == [("us-east-1", "200"), ("us-west-2", "200")]
+    assert proxy.wait_for_records(1)[0]["attempts"][0]["error"] == "stalled before its first event"
+
+
 def test_a_client_that_leaves_before_its_stream_begins_costs_nothing_more(emu, proxy_factory, client_via_proxy):
     from botocore.config import Config
 

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from .eventstream import FrameDecoder, FrameError
 
 _METRICS_KEY = b"amazon-bedrock-invocationMetrics"
+# Events of InvokeModelWithResponseStream (the model's own, in a chunk) that open an answer without any
+# of its content (Anthropic's): a stream that stalls or fails after them can still be failed over.
+_OPENING_MODEL_EVENTS = frozenset({"message_start", "content_block_start", "ping"})
 
 
 @dataclass
@@ -30,6 +33,18 @@ class Usage:
         if self.input_tokens is None and self.output_tokens is None:
             return unknown
         return (self.input_tokens or 0) + (self.output_tokens or 0)
+
+
+def _opens_the_answer(frame) -> bool:
+    if frame.event_type == "messageStart":
+        return True
+    if frame.event_type != "chunk":
+        return False
+    try:
+        event = json.loads(base64.b64decode(json.loads(frame.payload)["bytes"]))
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(event, dict) and event.get("type") in _OPENING_MODEL_EVENTS
 
 
 def _int(value) -> int | None:
@@ -57,7 +72,9 @@ class StreamMeter:
         self.usage = Usage()
         self.frames = 0
         self.exception: str | None = None  # ``throttlingException`` etc. once an exception frame passed
-        self.content_seen = False  # an event other than messageStart: from here on the answer is the client's
+        # An event with content (not messageStart, nor a model's opening chunk): from here on the answer
+        # is the client's.
+        self.content_seen = False
         self.corrupt = False
         self._decoder = FrameDecoder()
 
@@ -74,7 +91,7 @@ class StreamMeter:
             if frame.message_type in ("exception", "error"):
                 self.exception = frame.exception_type or frame.error_code or "error"
                 continue
-            if frame.event_type != "messageStart":
+            if not self.content_seen and not _opens_the_answer(frame):
                 self.content_seen = True
             if frame.event_type == "metadata":
                 self._read_converse_metadata(frame.payload)
