@@ -35,14 +35,23 @@ class Usage:
         return (self.input_tokens or 0) + (self.output_tokens or 0)
 
 
+def _model_event(payload: bytes) -> bytes | None:
+    """The model's own event (JSON) that an InvokeModelWithResponseStream chunk carries in base64."""
+    try:
+        return base64.b64decode(json.loads(payload)["bytes"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _opens_the_answer(frame) -> bool:
     if frame.event_type == "messageStart":
         return True
-    if frame.event_type != "chunk":
+    event = _model_event(frame.payload) if frame.event_type == "chunk" else None
+    if event is None:
         return False
     try:
-        event = json.loads(base64.b64decode(json.loads(frame.payload)["bytes"]))
-    except (ValueError, KeyError, TypeError):
+        event = json.loads(event)
+    except ValueError:
         return False
     return isinstance(event, dict) and event.get("type") in _OPENING_MODEL_EVENTS
 
@@ -111,11 +120,8 @@ class StreamMeter:
         self.usage = Usage(_int(usage.get("inputTokens")), _int(usage.get("outputTokens")))
 
     def _read_invocation_metrics(self, payload: bytes) -> None:
-        try:
-            chunk = base64.b64decode(json.loads(payload)["bytes"])
-        except (ValueError, KeyError, TypeError):
-            return
-        if _METRICS_KEY not in chunk:
+        chunk = _model_event(payload)
+        if chunk is None or _METRICS_KEY not in chunk:
             return
         try:
             metrics = json.loads(chunk)[_METRICS_KEY.decode()]
