@@ -89,7 +89,8 @@ def test_a_stream_that_begins_then_stalls_is_failed_over(emu, proxy_factory, cli
     assert "contentBlockDelta" in events[1] and "metadata" in events[-1]
     assert served_region(response) == "us-west-2"
     assert response["ResponseMetadata"]["HTTPHeaders"]["x-emulator-region"] == "us-west-2"
-    assert attempts_header(response) == [("us-east-1", "200"), ("us-west-2", "200")]
+    # us-east-1's head said 200, but that attempt brought no answer: it does not read as a success.
+    assert attempts_header(response) == [("us-east-1", "0"), ("us-west-2", "200")]
     assert proxy.wait_for_records(1)[0]["attempts"][0]["error"] == "stalled before its first event"
 
 
@@ -108,7 +109,7 @@ def test_an_invoke_stream_that_opens_then_stalls_is_failed_over(emu, proxy_facto
 
     assert types.count("message_start") == 1 and types[-1] == "message_stop" and "content_block_delta" in types
     assert served_region(response) == "us-west-2"
-    assert attempts_header(response) == [("us-east-1", "200"), ("us-west-2", "200")]
+    assert attempts_header(response) == [("us-east-1", "0"), ("us-west-2", "200")]
     assert proxy.wait_for_records(1)[0]["attempts"][0]["error"] == "stalled before its first event"
 
 
@@ -221,7 +222,11 @@ def test_exception_as_first_frame_fails_over_like_a_429(emu, proxy_factory, clie
         assert b"message_stop" in chunks[-1]
 
     assert served_region(response) == "us-west-2"
-    assert [(a["region"], a["error"]) for a in proxy.wait_for_records(1)[0]["attempts"][:1]] == [("us-east-1", "stream throttlingException")]
+    # The 200 head of us-east-1's stream carried a throttling exception: the attempt shows as the 429 it amounts to,
+    # in the header, the access log and the flow's comment.
+    assert attempts_header(response) == [("us-east-1", "429"), ("us-west-2", "200")]
+    (record,) = proxy.wait_for_records(1)
+    assert [(a["region"], a["status"], a["error"]) for a in record["attempts"][:1]] == [("us-east-1", 429, "stream throttlingException")]
 
 
 def test_failed_over_stream_delivers_events_while_the_healthy_target_produces_them(emu, proxy_factory, client_via_proxy):

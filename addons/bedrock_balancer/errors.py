@@ -26,6 +26,7 @@ STATUS_BY_ERROR_TYPE = {
     "ModelTimeoutException": 408,
     "RequestEntityTooLargeException": 413,
     "ModelErrorException": 424,
+    "ModelStreamErrorException": 424,
     "ThrottlingException": 429,
     "ModelNotReadyException": 429,
     "InternalServerException": 500,
@@ -61,6 +62,14 @@ class BedrockError(Exception):
 
     def __str__(self) -> str:
         return f"{self.error_type}: {self.message}"
+
+
+def status_of_stream_exception(exception_type: str | None) -> int | None:
+    """The HTTP status of an exception event inside a stream (``throttlingException``): the status AWS gives the
+    same error outside a stream (429), or None for an event type it has no status for."""
+    if not exception_type:
+        return None
+    return STATUS_BY_ERROR_TYPE.get(exception_type[:1].upper() + exception_type[1:])
 
 
 def error_type_of(headers_get, body: bytes) -> str | None:

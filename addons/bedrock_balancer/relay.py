@@ -42,7 +42,7 @@ from . import eventstream, sigv4, usage
 from .classify import BedrockRequest
 from .config import Config, Target
 from .credentials import CredentialsUnavailable, CredentialStore
-from .errors import BedrockError, error_message_of, error_type_of
+from .errors import BedrockError, error_message_of, error_type_of, status_of_stream_exception
 from .health import parse_retry_after
 from .routing import Choice, NotYet, Router
 from .state import Lease, MemoryState
@@ -440,6 +440,9 @@ class Relay:
             if is_stream:
                 verdict = True
                 if not meter.content_seen and (meter.exception is None or meter.exception in RETRYABLE_STREAM_EXCEPTIONS):
+                    # Its head said 200, but it brought no answer: it counts as what it amounted to, the status of
+                    # its exception outside a stream (429 for throttlingException), or none (an early end).
+                    attempt.status = status_of_stream_exception(meter.exception)
                     reason = meter.exception or ("sent a corrupt frame" if meter.corrupt else "ended the stream before its first event")
                     return await self._unreachable(lease, attempt, started, f"stream {reason}", whole_target=False)
                 await self._succeeded(exchange, lease, attempt, started)
@@ -465,6 +468,7 @@ class Relay:
         except TimeoutError:
             verdict = True
             if exchange.request.streaming:
+                attempt.status = None  # even if its head came: no answer
                 return await self._unreachable(lease, attempt, started, "stalled before its first event", whole_target=False)
             return await self._unreachable(lease, attempt, started, "timed out")
         except (aiohttp.ClientError, UpstreamError) as e:
