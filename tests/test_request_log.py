@@ -95,3 +95,18 @@ def test_request_and_stream_lines_skip_only_the_deprecated_add_log_hook():
     ]
     assert [r.getMessage() for r in legacy.records] == ["bedrock-balancer: something the operator must see", "client disconnect"]
     assert legacy.filters.count(addon._worth_an_add_log) == 1
+
+
+def test_the_line_of_a_request_that_got_no_answer_says_so_plainly():
+    # The client left while the proxy waited for an upstream: there is no status, and the line says "-",
+    # as it does for a missing model or region, rather than Python's "None".
+    record = {
+        "operation": "ConverseStream", "model": "m", "client_region": "us-east-1", "region": "us-east-1", "status": None,
+        "latency_ms": 512.0, "input_tokens": None, "output_tokens": None, "attempts": [{"target": "use1"}],
+        "error": "the client went away after 1 attempts; no more were made",
+    }
+
+    line = addon._log_line(record)
+
+    assert line.startswith("bedrock ConverseStream m us-east-1 -> us-east-1 status=- 512ms ")
+    assert "None" not in line

@@ -933,7 +933,7 @@ def _log_line(record: dict) -> str:
     return (
         f"bedrock {record['operation'] or '-'} {record['model'] or '-'} "
         f"{record['client_region'] or '?'} -> {record['region'] or '-'} "
-        f"status={record['status']} {record['latency_ms']:.0f}ms{tokens}{extra}{error}"
+        f"status={'-' if record['status'] is None else record['status']} {record['latency_ms']:.0f}ms{tokens}{extra}{error}"
     )
 
 
