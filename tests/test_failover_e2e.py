@@ -229,6 +229,33 @@ def test_exception_as_first_frame_fails_over_like_a_429(emu, proxy_factory, clie
     assert [(a["region"], a["status"], a["error"]) for a in record["attempts"][:1]] == [("us-east-1", 429, "stream throttlingException")]
 
 
+@pytest.mark.parametrize("operation", ["converse_stream", "invoke_model_with_response_stream"])
+def test_when_every_region_throttles_a_stream_the_client_gets_the_throttling_exception_as_aws_sends_it(
+    emu, proxy_factory, client_via_proxy, operation
+):
+    # Each region begins the stream (200), then sends a throttlingException event: no region has an answer, and
+    # the client gets the last one as it was, so the SDK raises what it would raise without the proxy.
+    proxy = proxy_factory(two_regions(emu))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "stream_first_exception")
+    emu.set_mode("us-west-2", "stream_first_exception")
+
+    if operation == "converse_stream":
+        response = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+        events = response["stream"]
+    else:
+        response = client.invoke_model_with_response_stream(modelId=CLAUDE, body=b'{"max_tokens": 20, "messages": []}')
+        events = response["body"]
+    with pytest.raises(EventStreamError) as raised:
+        list(events)
+
+    assert raised.value.response["Error"]["Code"] == "throttlingException"
+    assert [status for _, status in attempts_header(response)] == ["429"] * FAST_RETRY["max_attempts"]
+    (record,) = proxy.wait_for_records(1)
+    assert record["status"] == 200 and record["stream"] == "exception:throttlingException"
+    assert record["error"].startswith(f"gave up after {FAST_RETRY['max_attempts']} attempts")
+
+
 def test_failed_over_stream_delivers_events_while_the_healthy_target_produces_them(emu, proxy_factory, client_via_proxy):
     proxy = proxy_factory(two_regions(emu))
     client = client_via_proxy(proxy)

@@ -195,6 +195,7 @@ class Failure:
     body: bytes = b""
     lasting: bool = False  # a configuration problem (credentials, access), not a passing one: waiting will not help
     refused: bool = False  # the target refused the proxy's own signature (a 403 in PROXY_CREDENTIAL_ERRORS)
+    stream_exception: str | None = None  # a stream that brought this exception event before any content
 
 
 def forwardable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -393,6 +394,8 @@ class Relay:
         if failure is not None and failure.status is not None and not failure.refused:  # the last upstream answer, as it was
             exchange.status = failure.status
             exchange.error = f"gave up after {len(exchange.attempts)} attempts: {failure.reason}"
+            if failure.stream_exception:  # its events up to the exception, which the SDK raises as AWS's own
+                exchange.stream_outcome = f"exception:{failure.stream_exception}"
             headers = [(n, v) for n, v in failure.headers or [] if n.lower() not in DROPPED_RESPONSE_HEADERS]
             return Answer(failure.status, headers + self._balancer_headers(exchange), failure.body)
         if failure is not None:
@@ -444,7 +447,11 @@ class Relay:
                     # its exception outside a stream (429 for throttlingException), or none (an early end).
                     attempt.status = status_of_stream_exception(meter.exception)
                     reason = meter.exception or ("sent a corrupt frame" if meter.corrupt else "ended the stream before its first event")
-                    return await self._unreachable(lease, attempt, started, f"stream {reason}", whole_target=False)
+                    failure = await self._unreachable(lease, attempt, started, f"stream {reason}", whole_target=False)
+                    if meter.exception is not None:  # an answer after all, if no other target gives a better one
+                        failure.status, failure.headers = upstream.status, list(upstream.headers.items())
+                        failure.body, failure.stream_exception = bytes(head[: len(head) - meter.pending_bytes]), meter.exception
+                    return failure
                 await self._succeeded(exchange, lease, attempt, started)
                 exchange.first_event_ms = _ms_since(exchange.started)
                 answered = True
