@@ -103,56 +103,99 @@ def test_curl_streams_event_frames(emu, proxy_factory, http):
     assert events[0] == "messageStart" and events[-1] == "metadata" and "contentBlockDelta" in events
 
 
-def test_an_http2_stream_whose_request_has_no_content_length_streams(emu, proxy_factory):
-    # HTTP/2 frames a body by its DATA frames: a client need not send content-length (boto3 and curl do).
-    import socket
-    import ssl
+class RawH2Stream:
+    """One ConverseStream over HTTP/2 through the proxy in regular mode, driven frame by frame with the h2 library
+    (boto3 and curl cannot leave out content-length, or hang up at a chosen moment). No content-length is sent:
+    HTTP/2 frames a body by its DATA frames."""
 
-    import h2.config
-    import h2.connection
-    import h2.events
-    from botocore.auth import SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
+    HOST = "bedrock-runtime.us-east-1.amazonaws.com"
 
-    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
-    host = "bedrock-runtime.us-east-1.amazonaws.com"
-    path = f"/model/{CURL_MODEL}/converse-stream"
-    signed = AWSRequest("POST", f"https://{host}{path}", data=CONVERSE_BODY.encode(), headers={"content-type": "application/json"})
-    SigV4Auth(Credentials(CLIENT_KEY, CLIENT_SECRET), "bedrock", "us-east-1").add_auth(signed)
-    headers = [(":method", "POST"), (":path", path), (":scheme", "https"), (":authority", host)]
-    headers += [(name.lower(), value) for name, value in signed.headers.items() if name.lower() != "host"]
-    assert "content-length" not in dict(headers)
+    def __init__(self, proxy, path: str = f"/model/{CURL_MODEL}/converse-stream"):
+        import socket
+        import ssl
 
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
-        raw.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+        import h2.config
+        import h2.connection
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+
+        signed = AWSRequest("POST", f"https://{self.HOST}{path}", data=CONVERSE_BODY.encode(), headers={"content-type": "application/json"})
+        SigV4Auth(Credentials(CLIENT_KEY, CLIENT_SECRET), "bedrock", "us-east-1").add_auth(signed)
+        headers = [(":method", "POST"), (":path", path), (":scheme", "https"), (":authority", self.HOST)]
+        headers += [(name.lower(), value) for name, value in signed.headers.items() if name.lower() != "host"]
+        assert "content-length" not in dict(headers)
+
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        raw.sendall(f"CONNECT {self.HOST}:443 HTTP/1.1\r\nHost: {self.HOST}:443\r\n\r\n".encode())
         assert raw.recv(1024).startswith(b"HTTP/1.1 200")
         tls = ssl.create_default_context(cafile=proxy.ca_cert)
         tls.set_alpn_protocols(["h2"])
-        with tls.wrap_socket(raw, server_hostname=host) as sock:
-            assert sock.selected_alpn_protocol() == "h2"
-            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-            conn.initiate_connection()
-            conn.send_headers(1, headers)
-            conn.send_data(1, CONVERSE_BODY.encode(), end_stream=True)
-            sock.sendall(conn.data_to_send())
-            status, body, ended = None, b"", False
-            while not ended:
-                data = sock.recv(65536)
-                assert data, "the proxy closed the connection"
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.ResponseReceived):
-                        status = dict(event.headers)[b":status"]
-                    elif isinstance(event, h2.events.DataReceived):
-                        body += event.data
-                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                    elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
-                        ended = True
-                sock.sendall(conn.data_to_send())
+        self.sock = tls.wrap_socket(raw, server_hostname=self.HOST)
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.conn.send_headers(1, headers)
+        self.conn.send_data(1, CONVERSE_BODY.encode(), end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        self.status: bytes | None = None
+        self.body = b""
+        self.ended = False
 
-    assert status == b"200", body
-    events = [f.event_type for f in decode_frames(body)]
+    def receive(self) -> None:
+        """Read what the proxy sent next."""
+        import h2.events
+
+        data = self.sock.recv(65536)
+        assert data, "the proxy closed the connection"
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.status = dict(event.headers)[b":status"]
+            elif isinstance(event, h2.events.DataReceived):
+                self.body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, 1)
+            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                self.ended = True
+        self.sock.sendall(self.conn.data_to_send())
+
+    def events(self) -> list[str]:
+        return [f.event_type for f in decode_frames(self.body)]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_http2_stream_whose_request_has_no_content_length_streams(emu, proxy_factory):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    stream = RawH2Stream(proxy)
+    try:
+        while not stream.ended:
+            stream.receive()
+    finally:
+        stream.close()
+
+    assert stream.status == b"200", stream.body
+    events = stream.events()
     assert events[0] == "messageStart" and "contentBlockDelta" in events and events[-1] == "metadata"
+
+
+def test_an_http2_client_that_hangs_up_mid_stream_is_logged_as_gone_not_as_a_broken_upstream(emu, proxy_factory):
+    # mitmproxy reports an HTTP/2 client's closed connection as "peer closed connection": the record must still
+    # say the client went, and the truncated-streams metric (an upstream breaking off) must not count it.
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    held = emu.hold_streams("us-east-1")
+    stream = RawH2Stream(proxy)
+    try:
+        while "contentBlockDelta" not in stream.events():  # content flows; the rest is held upstream
+            stream.receive()
+    finally:
+        stream.close()
+        held.release()
+
+    (record,) = proxy.wait_for_records(1)
+
+    assert record["stream"] == "client-gone" and record["region"] == "us-east-1"
+    assert proxy.balancer.router.cooldowns.snapshot() == []  # the region did nothing wrong
 
 
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])

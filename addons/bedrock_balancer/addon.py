@@ -719,7 +719,8 @@ class BedrockBalancer:
         if exchange is not None and exchange.request.streaming and exchange.stream_outcome is None:
             # mitmproxy gave up on the stream before the relay saw its end. If the client left, the relay's
             # attempt in flight is cancelled once mitmproxy hangs up the loopback: after this record is made.
-            client_left = "client" in message.lower()
+            # (HTTP/1 says "Client disconnected"; HTTP/2 "peer closed connection", so the connection is asked too.)
+            client_left = "client" in message.lower() or exchange.client_gone()
             if client_left and exchange.attempts:
                 exchange.attempts[-1].abandon()
             if client_left and exchange.status in (None, 200):  # before or after the stream began
