@@ -99,6 +99,7 @@ def start_proxy(tmp_path: Path, config: dict, emulator, mode: str = "regular", e
     from mitmproxy.tools.dump import DumpMaster
 
     from bedrock_balancer.addon import BedrockBalancer
+    from bedrock_balancer.cli import run_where_scripts_run
 
     confdir = tmp_path / "proxy-confdir"
     confdir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,9 @@ def start_proxy(tmp_path: Path, config: dict, emulator, mode: str = "regular", e
 
     async def main() -> None:
         master = DumpMaster(Options(), with_termlog=False, with_dumper=False)
-        master.addons.add(BedrockBalancer(), ready)
+        master.addons.add(BedrockBalancer())
+        run_where_scripts_run(master.addons, 1)  # as the console script and -s place it: before save (-w)
+        master.addons.add(ready)
         master.options.update(**{
             "listen_host": "127.0.0.1", "listen_port": 0, "mode": [mode], "confdir": str(confdir),
             "connection_strategy": "lazy", "ssl_verify_upstream_trusted_ca": emulator.ca_path,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bedrock_balancer.eventstream import decode_frames
-from proxyharness import CLIENT_KEY, CLIENT_SECRET, PROXY_KEY, targets_for, write_config
+from proxyharness import CLIENT_KEY, CLIENT_SECRET, PROXY_KEY, targets_for, wait_for, write_config
 
 # curl 7.88 leaves ':' unencoded in the path it signs while AWS encodes it: use model ids without ':'.
 CURL_MODEL = "amazon.titan-text-express-v1"
@@ -271,6 +271,44 @@ def test_console_script_serves_boto3_through_https_proxy(emu, tmp_path, monkeypa
         output = process.communicate(timeout=10)[0]
     assert "bedrock Converse amazon.nova-lite-v1:0 us-east-1 -> us-west-2 status=200" in output
     assert PROXY_KEY not in output and CLIENT_KEY not in output
+
+
+def test_the_console_script_saves_a_stream_the_client_left_with_what_it_got(emu, tmp_path, monkeypatch):
+    # mitmproxy's -w writes a flow in its own error hook: the balancer's must run first (as a -s script's does),
+    # or the saved flow lacks the stream's copy and the comment saying where it went.
+    import boto3
+
+    from mitmproxy import io as mio
+
+    from bedrock_balancer import contentview
+
+    config = write_config(tmp_path / "balancer.yaml", {"targets": targets_for(emu, ["us-east-1"])})
+    flows, access_log = tmp_path / "flows.mitm", tmp_path / "access.jsonl"
+    process = start_console_script(
+        ["--set", f"bedrock_config={config}", "--set", f"confdir={tmp_path}", "-p", "0", "-w", str(flows),
+         "--set", f"bedrock_access_log={access_log}", "--set", f"ssl_verify_upstream_trusted_ca={emu.ca_path}"], {},
+    )
+    held = emu.hold_streams("us-east-1")
+    try:
+        port = next(int(m.group(1)) for line in process.stdout if (m := re.search(r"proxy listening at 127\.0\.0\.1:(\d+)", line)))
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "mitmproxy-ca-cert.pem"))
+        client = boto3.client("bedrock-runtime", region_name="us-east-1", aws_access_key_id=CLIENT_KEY, aws_secret_access_key=CLIENT_SECRET)
+        response = client.converse_stream(modelId="amazon.nova-lite-v1:0", messages=[{"role": "user", "content": [{"text": "hi"}]}])
+        stream = iter(response["stream"])
+        next(stream), next(stream)  # content is flowing; the rest is held upstream
+        response["stream"]._raw_stream.close()  # the app goes away mid-answer
+        wait_for(lambda: access_log.exists() and access_log.read_text().strip(), 10, "the access record")
+    finally:
+        held.release()
+        process.terminate()
+        process.communicate(timeout=10)
+
+    (saved,) = mio.FlowReader(flows.open("rb")).stream()
+    assert json.loads(access_log.read_text())["stream"] == "client-gone"
+    assert saved.comment.startswith("us-east-1 → us-east-1") and "Client disconnected" in saved.comment
+    assert "contentBlockDelta" in [f.event_type for f in decode_frames(saved.response.raw_content)]
+    assert saved.metadata[contentview.STREAM_COPY_KEY]["complete"] is False
 
 
 def test_an_admin_address_it_cannot_listen_on_stops_startup_naming_the_option(tmp_path, emu):

@@ -457,6 +457,24 @@ def test_failed_over_flows_are_marked_for_mitmweb(emu, proxy_factory, client_via
     assert shown == [(":repeat:", "us-east-1 → us-west-2 after 2 attempts (us-east-1 429)")]
 
 
+def test_flows_saved_with_w_carry_where_they_went(emu, proxy_factory, client_via_proxy, tmp_path):
+    # mitmproxy's save addon (-w) writes a flow in its response hook: the balancer's runs before it.
+    from mitmproxy import io as mio
+
+    flow_file = tmp_path / "flows.mitm"
+    proxy = proxy_factory(two_regions(emu), save_stream_file=str(flow_file))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "throttle", count=1)
+
+    client.converse(modelId=CLAUDE, messages=MESSAGES)
+    proxy.wait_for_records(1)
+    proxy.stop()  # flushes the flow file
+    proxy.stop = lambda: None  # already stopped; the fixture would stop it again
+
+    (saved,) = mio.FlowReader(flow_file.open("rb")).stream()
+    assert (saved.marked, saved.comment) == (":repeat:", "us-east-1 → us-west-2 after 2 attempts (us-east-1 429)")
+
+
 def test_a_client_that_leaves_mid_stream_is_logged_and_cools_nothing_down(emu, proxy_factory, client_via_proxy):
     proxy = proxy_factory(two_regions(emu))
     client = client_via_proxy(proxy)

@@ -139,7 +139,7 @@ def test_streamed_answers_carry_the_upstreams_headers_not_the_relays(emu, proxy_
     client = client_via_proxy(proxy_factory({"targets": targets_for(emu, ["us-west-2"]), "retry": {"max_attempts": 1}}))
     streamed = client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
     list(streamed["stream"])
-    emu.set_mode("us-west-2", "stream_first_exception")
+    emu.set_mode("us-west-2", "fail")
     with pytest.raises(ClientError) as failed:
         client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
 

@@ -541,7 +541,6 @@ class BedrockBalancer:
             state.waiting = None
         flow.response = _response(answer.status, answer.headers, answer.body)
         self._show_upstream_request(flow, exchange)
-        self._annotate(flow, exchange)  # now, so that flows saved by -w (before our response hook) carry it
 
     async def _watch_clients(self) -> None:
         """Stop waiting for a whole answer once its client has left: the attempt in flight is dropped, its

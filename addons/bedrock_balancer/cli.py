@@ -50,6 +50,20 @@ def default_args(args: list[str]) -> list[str]:
     return defaults
 
 
+def run_where_scripts_run(addons, count: int) -> None:
+    """Move the last ``count`` addons of the chain to where ``-s`` puts a script: after mitmproxy's script loader,
+    before ``save`` (``-w``) and the other built-ins that write or show a flow as its hooks end. Hooks run in
+    chain order, so only there does a flow saved when a stream fails carry what the balancer's ``error`` hook
+    sets (the stream copy, the comment), as it does under ``mitmweb -s addons/balancer.py``."""
+    from mitmproxy.addons.script import ScriptLoader
+
+    chain = addons.chain
+    ours = chain[-count:]
+    del chain[-count:]
+    after = next(i for i, addon in enumerate(chain) if isinstance(addon, ScriptLoader)) + 1
+    chain[after:after] = ours
+
+
 def main(argv: list[str] | None = None) -> None:
     from mitmproxy.tools import cmdline, dump
     from mitmproxy.tools.main import run
@@ -61,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         def __init__(self, options, **kwargs):
             super().__init__(options, **kwargs)
             self.addons.add(BedrockBalancer(), BedrockViews())
+            run_where_scripts_run(self.addons, 2)
 
     def extra(parsed):  # what mitmdump itself does with a trailing flow filter
         if getattr(parsed, "filter_args", None):
