@@ -88,3 +88,77 @@ def test_a_region_far_from_every_known_one_gets_no_suggestion():
     with pytest.raises(config.ConfigError) as caught:
         config.from_regions("xx-nowhere-9")
     assert "did you mean" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["line\nbreak", "tab\there", "two words", "a;region=x", "a,b", "a=b", "zürich", "bell\x07", ""])
+def test_a_target_name_that_cannot_travel_in_a_response_header_stops_start_up(name):
+    # The name is copied into the x-bedrock-balancer-target / -attempts response headers
+    # ("target=NAME;region=...;status=..., target=..."): a newline breaks the response, ';' ',' '=' make it ambiguous.
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse({"targets": [{"region": "us-east-1"}, {"region": "us-west-2", "name": name}]})
+    message = str(caught.value)
+    assert message.startswith("targets[1].name:")
+    assert "printable ASCII" in message and "';'" in message
+
+
+def test_header_safe_target_names_and_region_derived_defaults_are_accepted():
+    parsed = config.parse({"targets": [
+        {"region": "us-east-1"}, {"region": "us-east-1"}, {"region": "eu-west-1", "name": "eu_primary.v2:blue/1"},
+    ]})
+    assert [t.name for t in parsed.targets] == ["us-east-1", "us-east-1-2", "eu_primary.v2:blue/1"]
+
+
+ENDPOINT_PASSWORD = "EndpointPw123"
+
+
+@pytest.mark.parametrize("endpoint_url", [
+    f"https://user:{ENDPOINT_PASSWORD}@bedrock-runtime.us-east-1.amazonaws.com",  # user info
+    f"https://user:{ENDPOINT_PASSWORD}@bedrock-runtime.us-east-1.amazonaws.com/path",
+    f"https://user:{ENDPOINT_PASSWORD}@bedrock-runtime.us-east-1.amazonaws.com:99999",  # bad port
+    f"ftp://user:{ENDPOINT_PASSWORD}@bedrock-runtime.us-east-1.amazonaws.com",  # bad scheme
+    f"https://user:{ENDPOINT_PASSWORD}@",  # no host
+    f"user:{ENDPOINT_PASSWORD}@bedrock-runtime.us-east-1.amazonaws.com",  # no scheme at all
+])
+def test_an_endpoint_url_error_never_shows_its_password(endpoint_url):
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse({"targets": [{"region": "us-east-1", "endpoint_url": endpoint_url}]})
+    message = str(caught.value)
+    assert message.startswith("targets[0].endpoint_url:")
+    assert ENDPOINT_PASSWORD not in message
+    assert "***" in message
+
+
+def test_user_info_in_an_endpoint_url_is_refused_with_its_own_reason():
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse({"targets": [{"region": "us-east-1", "endpoint_url": f"https://user:{ENDPOINT_PASSWORD}@h.example"}]})
+    assert str(caught.value) == (
+        "targets[0].endpoint_url: 'https://user:***@h.example' must not carry user info (user:password@): "
+        "requests to Bedrock are signed with SigV4"
+    )
+
+
+def test_a_yaml_syntax_error_names_the_place_but_not_the_secret_on_that_line(tmp_path):
+    secret = "@Xk2pq9Lr7TzV1wQ0eN5"
+    path = tmp_path / "k5.yaml"
+    path.write_text(
+        "targets: [{region: us-east-1}]\nclients:\n  - name: a\n    access_key_id: AKIAX1234\n"
+        f"    secret_access_key: {secret}\n"
+    )
+    with pytest.raises(config.ConfigError) as caught:
+        config.load_file(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"bedrock_config: {path} is not valid YAML")
+    assert "line 5, column 24" in message and "cannot start any token" in message
+    assert "Xk2pq9" not in message and "secret_access_key" not in message
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://admin:pw@h:6379/0", "redis://admin:***@h:6379/0"),
+    ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://admin:p/w@h:6379/0", "redis://admin:***@h:6379/0"),  # an unescaped '/' must not end the masking early
+    ("admin:pw@h:6379", "admin:***@h:6379"),  # no scheme
+    ("redis://h:6379/0", "redis://h:6379/0"),
+    ("memory", "memory"),
+])
+def test_redacted_url_masks_only_the_password(url, shown):
+    assert config.redacted_url(url) == shown

@@ -48,6 +48,19 @@ def test_state_option_validation():
         assert problem and problem.startswith("bedrock_state:"), bad
 
 
+@pytest.mark.parametrize("bad", [
+    "redis://admin:SuperSecretRedisPw@127.0.0.1:6379/abc",  # database not a number
+    "redis://admin:SuperSecretRedisPw@127.0.0.1:99999/0",  # invalid port
+    "http://admin:SuperSecretRedisPw@127.0.0.1:6379/0",  # not redis://
+    "redis://admin:SuperSecretRedisPw@:6379/0",  # no host
+    "admin:SuperSecretRedisPw@127.0.0.1:6379",  # redis:// forgotten
+])
+def test_a_bad_state_url_is_reported_without_its_password(bad):
+    problem = state.validate_state_url(bad)
+    assert problem.startswith("bedrock_state:")
+    assert "SuperSecretRedisPw" not in problem and "admin:***@" in problem
+
+
 def test_shared_state_keeps_a_requests_excluded_targets_out(redis_server):
     targets = [{"region": "us-east-1", "priority": 0}, {"region": "us-west-2", "priority": 1}]
     a = instance(redis_server.url, targets, strategy="priority")

@@ -35,6 +35,10 @@ API_KEY_KEYS = {"name", "key", "key_env", "key_file", "rpm", "tpm"}
 # Virtual access key ids travel in "Credential=<id>/<date>/...": no '/', ',', '=' or whitespace.
 ACCESS_KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{4,128}$")
 MIN_SECRET_LENGTH = 16  # a client secret is all that stands between the network and the proxy's AWS credentials
+# A target's name is sent in the x-bedrock-balancer-target and -attempts response headers
+# ("target=NAME;region=...;status=..., target=..."): a control character breaks the response, and
+# ';', ',' or '=' would make the attempts header ambiguous. Region names (the default names) qualify.
+TARGET_NAME_SEPARATORS = ";,="
 
 
 class ConfigError(ValueError):
@@ -173,8 +177,23 @@ def load_file(path: str) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"bedrock_config: {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"bedrock_config: {path} is not valid YAML: {_yaml_problem(e)}") from None
     return parse(data, base_dir=Path(path).expanduser().resolve().parent)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what the YAML problem is, without PyYAML's quote of the file's text: the offending
+    line may hold an inline secret."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return str(error)  # a ReaderError: a bad character's code and position, no text
+    mark = error.problem_mark or error.context_mark
+    place = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = error.problem or error.context or "syntax error"
+    if error.context and error.problem:
+        started = error.context_mark
+        since = f" started at line {started.line + 1}, column {started.column + 1}" if started and started is not mark else ""
+        problem += f" ({error.context}{since})"
+    return place + problem
 
 
 def from_regions(regions: str) -> Config:
@@ -231,7 +250,13 @@ def _parse_target(data: object, where: str) -> Target:
         if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
             raise ConfigError(f"{where}.models: must be a non-empty list of model id patterns such as 'anthropic.*'")
         models = tuple(models)
-    for key in ("name", "profile", "role_arn"):
+    name = data.get("name", region)
+    if not _is_target_name(name):
+        raise ConfigError(
+            f"{where}.name: {name!r} is not allowed; a target name must be printable ASCII without spaces, "
+            "';', ',' or '=' (it is sent in the x-bedrock-balancer-target and -attempts response headers)"
+        )
+    for key in ("profile", "role_arn"):
         if key in data and (not isinstance(data[key], str) or not data[key]):
             raise ConfigError(f"{where}.{key}: must be a non-empty string")
     rpm, tpm = _limit(data, "rpm", where), _limit(data, "tpm", where)
@@ -243,7 +268,7 @@ def _parse_target(data: object, where: str) -> Target:
     if role_arn is not None and not (role_arn.startswith("arn:") and ":role/" in role_arn):
         raise ConfigError(f"{where}.role_arn: {role_arn!r} is not an IAM role ARN")
     return Target(
-        name=data.get("name", region),
+        name=name,
         region=region,
         endpoint_url=endpoint_url,
         weight=weight,
@@ -255,6 +280,10 @@ def _parse_target(data: object, where: str) -> Target:
         priority=priority,
         model_quotas=model_quotas,
     )
+
+
+def _is_target_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and all("!" <= c <= "~" and c not in TARGET_NAME_SEPARATORS for c in name)
 
 
 @functools.cache
@@ -316,16 +345,34 @@ def _typos(a: str, b: str) -> int:
 def _parse_endpoint(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: must be a URL such as https://bedrock-runtime.us-east-1.amazonaws.com")
+    shown = redacted_url(value)  # the URL may carry a password: never echo it
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: {value!r} must be an http:// or https:// URL with a host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(f"{where}: {value!r} must have no path, query or user info")
+        raise ConfigError(f"{where}: {shown!r} must be an http:// or https:// URL with a host")
+    if "@" in parts.netloc:
+        raise ConfigError(f"{where}: {shown!r} must not carry user info (user:password@): requests to Bedrock are signed with SigV4")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {shown!r} must have no path, query or fragment")
     try:
         parts.port
     except ValueError:
-        raise ConfigError(f"{where}: {value!r} has an invalid port") from None
+        raise ConfigError(f"{where}: {shown!r} has an invalid port") from None
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def redacted_url(url: str) -> str:
+    """The URL with its password (``user:password@``) replaced by ``***``, for logs and error messages.
+
+    Masks up to the last '@', so a password with an unescaped '/' or '@', or a URL without its
+    scheme, is still hidden."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if not (at and colon):
+        return url
+    return f"{scheme}{sep}{user}:***@{host}"
 
 
 def _numbers(data: object, allowed: set[str], where: str) -> dict[str, float]:

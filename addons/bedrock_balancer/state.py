@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from .config import redacted_url
 from .health import PROBE_RECHECK_S
 from .quota import Reservation, budgets_for, target_budgets
 from .routing import Choice, NotYet, Rotation, Router
@@ -54,18 +55,19 @@ def validate_state_url(value: str) -> str | None:
     """The problem with a ``bedrock_state`` value, or None."""
     if value in ("", "memory"):
         return None
+    shown = redacted_url(value)  # the URL may carry the Redis password: never echo it
     parsed = urlparse(value)
     if parsed.scheme not in ("redis", "rediss"):
-        return f"bedrock_state: {value!r} is neither 'memory' nor a redis://host:port/db URL"
+        return f"bedrock_state: {shown!r} is neither 'memory' nor a redis://host:port/db URL"
     if not parsed.hostname:
-        return f"bedrock_state: {value!r} names no Redis host (redis://host:port/db)"
+        return f"bedrock_state: {shown!r} names no Redis host (redis://host:port/db)"
     try:
         parsed.port
     except ValueError:
-        return f"bedrock_state: {value!r} has an invalid port"
+        return f"bedrock_state: {shown!r} has an invalid port"
     db = parsed.path.strip("/")
     if db and not db.isdigit():
-        return f"bedrock_state: {value!r}: the database must be a number (redis://host:port/0)"
+        return f"bedrock_state: {shown!r}: the database must be a number (redis://host:port/0)"
     return None
 
 
@@ -620,14 +622,6 @@ class RedisState:
 
 def _budget_key(key: tuple[str, str]) -> str:
     return f"{key[0]}\0{key[1]}"
-
-
-def redacted_url(url: str) -> str:
-    """The URL without a password, for logs."""
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(parsed.password, "***")
-    return url
 
 
 def make_state(router: Router, url: str):
