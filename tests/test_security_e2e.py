@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 
 import boto3
 import pytest
+import yaml
 from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
@@ -873,3 +874,82 @@ def test_flows_shown_in_mitmweb_keep_no_client_credentials(emu, authed_proxy):
     for text in shown:
         assert API_KEY not in text and "FwoGZXIvYXdzSECRETSESSIONTOKEN" not in text
         assert not any(signature in text for signature in signatures)
+
+
+# -- refusals and a proxy without targets keep and forward no client credentials ---------------------------
+
+
+def test_a_refused_request_keeps_no_client_credentials_in_its_flow(emu, proxy_factory):
+    # An app whose endpoint_url is a regular-mode proxy addresses the proxy's own listener: refused, and the
+    # flow mitmweb shows and -w saves keeps neither its signature nor its session token.
+    from mitmproxy import http as mhttp
+
+    shown: list[str] = []
+
+    class Recorder:
+        def response(self, flow: mhttp.HTTPFlow) -> None:
+            shown.append(repr(list(flow.request.headers.items(multi=True))))
+
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])})
+    run_in_proxy(proxy, lambda: proxy.master.addons.add(Recorder()))
+    own = f"127.0.0.1:{proxy.port}"
+    request = signed_request("POST", own, CONVERSE_PATH, CONVERSE_BODY, key=CLIENT_KEY, secret=CLIENT_SECRET,
+                             target=f"http://{own}{CONVERSE_PATH}", extra_headers=[("x-amz-security-token", "FwoGZXIvYXdzAPPSESSIONTOKEN")])
+    signature = re.search(rb"Signature=([0-9a-f]{64})", request).group(1).decode()
+
+    _, answer = raw_request(("127.0.0.1", proxy.port), request)
+
+    assert (answer.status, answer.error_type) == (403, "AccessDeniedException")
+    (text,) = shown
+    assert "FwoGZXIvYXdzAPPSESSIONTOKEN" not in text and signature not in text and "<redacted>" in text
+
+
+def test_without_targets_a_bedrock_request_is_answered_by_the_proxy_never_forwarded(emu, proxy_factory, client_via_proxy):
+    # A mistyped option (bedrock_regoins) leaves the proxy without targets: it must not pass the client's own
+    # signed request through to AWS, but say what is missing.
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])}, mode=f"reverse:{emu.endpoint_url('us-east-1')}", bedrock_config="")
+    client = boto3.client("bedrock-runtime", region_name="us-east-1", endpoint_url=proxy.url, aws_access_key_id=PROXY_KEY,
+                          aws_secret_access_key=PROXY_SECRET, config=BotoConfig(retries={"total_max_attempts": 1}))
+
+    with pytest.raises(ClientError) as raised:
+        client.converse(modelId=CLAUDE, messages=MESSAGES)
+
+    assert error_of(raised) == (503, "ServiceUnavailableException")
+    assert "no targets configured" in raised.value.response["Error"]["Message"]
+    assert emu.requests == []
+
+
+def test_the_admin_listener_on_a_port_the_system_picks_is_unreachable_through_the_proxy(emu, proxy_factory):
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])}, bedrock_admin="127.0.0.1:0")
+    admin_port = proxy.balancer.admin.address[1]
+
+    _, answer = raw_request(("127.0.0.1", proxy.port), b"GET http://127.0.0.1:%d/status HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (admin_port, admin_port))
+
+    assert (answer.status, answer.error_type) == (403, "AccessDeniedException")
+
+
+def test_a_running_proxy_takes_new_clients_but_refuses_new_targets(emu, authed_proxy, boto, tmp_path):
+    # The relay was built for the targets the proxy started with: a config that changes them (from mitmweb's
+    # options editor, say) is refused, naming what needs a restart, and the proxy carries on as it was. One
+    # that changes only the clients takes effect at once.
+    from pathlib import Path
+
+    from mitmproxy import exceptions
+
+    proxy = authed_proxy()
+    path = proxy.master.options.bedrock_config
+    config = yaml.safe_load(Path(path).read_text())
+    retargeted = tmp_path / "retargeted.yaml"
+    write_config(retargeted, {**config, "targets": targets_for(emu, ["us-west-2"])})
+    with pytest.raises(exceptions.OptionsError, match="restart it"):
+        run_in_proxy(proxy, lambda: proxy.master.options.update(bedrock_config=str(retargeted)))
+    served = boto(proxy).converse(modelId=CLAUDE, messages=MESSAGES)
+    assert served["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"] == "us-east-1"
+
+    write_config(Path(path), {**config, "clients": [c for c in config["clients"] if c["access_key_id"] != VIRTUAL_KEY]})
+    run_in_proxy(proxy, lambda: proxy.master.options.update(bedrock_config=path))
+    with pytest.raises(ClientError) as raised:
+        boto(proxy).converse(modelId=CLAUDE, messages=MESSAGES)
+
+    assert error_of(raised)[1] == "UnrecognizedClientException"  # team A's key is gone
+    assert [r.region for r in emu.requests] == ["us-east-1"]

@@ -14,6 +14,7 @@ nothing but Bedrock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -21,7 +22,6 @@ import re
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
@@ -55,9 +55,13 @@ BODY_BACKSTOP_HEADROOM = 64 * 1024 * 1024
 CLIENT_WATCH_INTERVAL_S = 0.5  # how soon a whole answer's wait notices that its client has left
 FAILURE_MARKER = ":warning:"
 FAILOVER_MARKER = ":repeat:"
+NO_TARGETS = BedrockError(
+    "ServiceUnavailableException",
+    "bedrock-balancer: no targets configured (options bedrock_config or bedrock_regions); nothing was sent to AWS",
+)
 
 
-@dataclass
+@dataclasses.dataclass
 class _FlowState:
     """What the addon keeps about one Bedrock flow between its hooks.
 
@@ -151,11 +155,17 @@ class BedrockBalancer:
         if {"bedrock_config", "bedrock_regions"} & updated:
             config = self._load_config()
             # Checked before anything changes: a refused update must leave the running proxy as it was.
-            if self._running and (problem := self._exposure_problem(config)):
+            if self._running and (problem := self._exposure_problem(config) or self._change_problem(config)):
                 raise exceptions.OptionsError(problem)
+            if self.relay is not None:  # only the clients changed (_change_problem): the targets are served as they are
+                self.config = config
+                self._configure_client_auth()
+                return
             self.config = config
             self.router = Router(self.config) if self.config else None
             self.metrics = admin.Metrics(self.router) if self.router else None
+            if self._running and self.config is not None:  # started without targets: serve these from now on
+                asyncio.get_running_loop().create_task(self._start_serving())
         if {"bedrock_config", "bedrock_regions", "bedrock_state"} & updated:
             self._configure_state()
             if self.config:
@@ -188,6 +198,16 @@ class BedrockBalancer:
             # The flow's destination is decided per request, so mitmproxy must not connect to the
             # client's original host first (in production that is a wasted TLS handshake with AWS).
             ctx.options.update(connection_strategy="lazy")
+
+    def _change_problem(self, config: config_module.Config | None) -> str | None:
+        """Why a running proxy cannot take ``config``, or None. The relay, its connections and credentials are
+        built for the targets the proxy started with; a new config may change who its clients are, nothing else."""
+        if self.relay is None or (config is not None and _without_clients(config) == _without_clients(self.config)):
+            return None
+        return (
+            "bedrock-balancer: the targets, strategy, retry and timeouts are read when the proxy starts: restart it "
+            "to change them (the clients, api_keys and their limits can change while it runs)"
+        )
 
     def _load_config(self) -> config_module.Config | None:
         path, regions = ctx.options.bedrock_config, ctx.options.bedrock_regions
@@ -321,11 +341,14 @@ class BedrockBalancer:
         if problem := self._exposure_problem(self.config):
             log.error(problem)  # mitmproxy's errorcheck ends start-up on an error logged now; nothing is relayed
             return
+        await self._start_serving()
+        _freeze_startup_heap()
+
+    async def _start_serving(self) -> None:
         self._announce_client_policy()
         await self._start_relay()
         await self.state.check()  # Redis: says now if it cannot be reached (the proxy then uses local state)
         await self._start_admin()
-        _freeze_startup_heap()
 
     async def _start_relay(self) -> None:
         if self.relay is not None:
@@ -391,8 +414,6 @@ class BedrockBalancer:
     # -- hooks ---------------------------------------------------------------------------------
 
     def _is_bedrock(self, flow: http.HTTPFlow) -> bool:
-        if self.relay is None:
-            return False
         if isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode):
             return True
         return classify.is_bedrock_host(flow.request.host)
@@ -456,9 +477,8 @@ class BedrockBalancer:
             ports |= {address[1] for address in proxyserver.listen_addrs()}
         if "web_port" in ctx.options:
             ports.add(ctx.options.web_port)
-        admin = ctx.options.bedrock_admin if "bedrock_admin" in ctx.options else ""
-        if admin and admin.rpartition(":")[2].isdigit():
-            ports.add(int(admin.rpartition(":")[2]))
+        if self.admin is not None and self.admin.address:  # the port it got, which port 0 leaves to the system
+            ports.add(self.admin.address[1])
         if self.relay is not None and self.relay.address:
             ports.add(self.relay.address[1])
         return ports
@@ -487,10 +507,16 @@ class BedrockBalancer:
                 log.exception("bedrock-balancer: internal error while checking %s", flow.request.pretty_url)
                 refusal = BedrockError("InternalServerException", "bedrock-balancer: internal error (see the proxy's log)")
             if refusal is not None:
+                _redact_client_credentials(flow.request)
                 flow.response = _error_response(refusal)
                 log.info("bedrock-balancer: refused %s %s:%s from %s: %s", flow.request.method, flow.request.host, flow.request.port, _client_address(flow), refusal.message)
                 return
         if not bedrock:
+            return
+        if self.relay is None:  # never forward a Bedrock request as the client signed it
+            _redact_client_credentials(flow.request)
+            flow.response = _error_response(NO_TARGETS)
+            log.warning("bedrock-balancer: answered %s %s with a 503: %s", flow.request.method, flow.request.pretty_url, NO_TARGETS.message)
             return
         state = self._flows[flow.id] = _FlowState(time.monotonic())
         request = RequestView(flow.request)
@@ -792,6 +818,11 @@ def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | 
     if error:
         record["error"] = _safe(error)
     return record
+
+
+def _without_clients(config: config_module.Config) -> config_module.Config:
+    """What of a config the relay and the router were built from: all but who the clients are."""
+    return dataclasses.replace(config, clients=(), api_keys=(), client_limits=())
 
 
 def _kill_without_answer(flow: http.HTTPFlow) -> None:
