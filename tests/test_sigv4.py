@@ -131,6 +131,28 @@ def test_malformed_authorization_headers_are_rejected(header):
         sigv4.parse_authorization(header)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "ABSKdGVhbS1jLWFwaS1rZXktc2VjcmV0",  # an API key with no scheme
+        "AWS4-HMAC-SHA256 ABSKdGVhbS1jLWFwaS1rZXktc2VjcmV0",  # an API key under the SigV4 scheme
+        "AWS4-HMAC-SHA256 Credential=ABSKdGVhbS1jLWFwaS1rZXktc2VjcmV0, Credential=ABSKdGVhbS1jLWFwaS1rZXktc2VjcmV0",
+        "AWS4-HMAC-SHA256 Credential=AKID/20240101/us-east-1/bedrock/aws4_request, SignedHeaders=host, ABSKdGVhbS1jLWFwaS1rZXktc2VjcmV0",
+    ],
+)
+def test_a_malformed_authorization_header_is_described_never_quoted(header):
+    # The error goes to the client, the log line and the access log: a key put in the wrong place must not.
+    with pytest.raises(sigv4.AuthorizationError) as raised:
+        sigv4.parse_authorization(header)
+
+    assert "ABSKdGVhbS1jLWFwaS1rZXktc2VjcmV0" not in str(raised.value)
+
+
+def test_a_known_scheme_other_than_sigv4_is_named():
+    with pytest.raises(sigv4.AuthorizationError, match="'Bearer', not AWS4-HMAC-SHA256"):
+        sigv4.parse_authorization("Bearer abc")
+
+
 @given(st.text(max_size=200))
 def test_parse_authorization_never_fails_with_anything_but_authorization_error(text):
     try:

@@ -66,19 +66,28 @@ class Authorization:
         return credential_scope(self.date, self.region, self.service)
 
 
+KNOWN_AUTHORIZATION_SCHEMES = {"basic", "bearer", "digest", "negotiate", "aws", "aws4-ecdsa-p256-sha256"}
+SIGV4_FIELDS = ("Credential", "SignedHeaders", "Signature")
+
+
 class AuthorizationError(ValueError):
     """The Authorization header is not a well-formed SigV4 header."""
 
 
 def parse_authorization(value: str) -> Authorization:
+    # The errors name what is wrong but never quote the header: a client that puts an API key or a secret
+    # where the scheme or a field should be would find it in the answer, the log line and the access log.
     algorithm, _, rest = value.strip().partition(" ")
     if algorithm != ALGORITHM:
-        raise AuthorizationError(f"unsupported authorization scheme {algorithm!r}")
+        named = f"{algorithm!r}, not " if algorithm.lower() in KNOWN_AUTHORIZATION_SCHEMES else "not "
+        raise AuthorizationError(f"unsupported authorization scheme ({named}{ALGORITHM})")
     fields: dict[str, str] = {}
     for part in rest.split(","):
         key, sep, val = part.strip().partition("=")
-        if not sep or key in fields:
-            raise AuthorizationError(f"malformed authorization field {part.strip()!r}")
+        if not sep:
+            raise AuthorizationError("malformed authorization field (one without '=')")
+        if key in fields:
+            raise AuthorizationError(f"malformed authorization: {key if key in SIGV4_FIELDS else 'a field'} is given twice")
         fields[key] = val
     try:
         credential, signed_headers, signature = fields["Credential"], fields["SignedHeaders"], fields["Signature"]
