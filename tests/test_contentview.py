@@ -238,6 +238,56 @@ def test_sigv4_view_shows_both_sides_and_no_secret(views):
     assert "sigv4" not in (chosen or "").lower()
 
 
+def refused_flow(answered: bool) -> http.HTTPFlow:
+    """A flow as the addon leaves one it did not send upstream: the client's own request, its signature
+    redacted, and the client's scope in metadata; answered by the proxy, or not at all (the client left)."""
+    from bedrock_balancer.errors import BedrockError
+
+    flow = tflow.tflow(resp=answered)
+    flow.metadata[cv.CLIENT_SIGV4_KEY] = cv.sigv4_summary(CLIENT_AUTH, "20250102T030405Z")
+    flow.request.host = "bedrock-runtime.us-east-1.amazonaws.com"
+    flow.request.headers["host"] = flow.request.host
+    flow.request.headers["x-amz-date"] = "20250102T030405Z"
+    flow.request.headers["authorization"] = CLIENT_AUTH.replace("ab" * 32, "<redacted>")
+    if answered:
+        status, headers, body = BedrockError("ValidationException", "bedrock-balancer: the model identifier contains characters a model id cannot have").wire()
+        flow.response = http.Response.make(status, body, headers)
+    else:
+        flow.error = tflow.terr("the client went away")
+    return flow
+
+
+@pytest.mark.parametrize("answered", [True, False], ids=["refused", "client-left"])
+def test_sigv4_view_of_a_request_that_never_went_upstream(views, answered):
+    """Nothing was re-signed: the view must not present the client's own credentials as what the proxy sent."""
+    flow = refused_flow(answered)
+    _, text, _ = show(flow.request, flow, cv.SIGV4_VIEW_NAME)
+    document = yaml.safe_load(text)
+    assert document["client sent"]["access key"] == "AKIDCLIENTEXAMPLE"
+    assert document["proxy sent"] == "nothing", text
+    assert "nothing was sent upstream" in text
+    assert "changes" not in document  # no rewrite happened, so none to list (not an empty list of them)
+    assert text.count("AKIDCLIENTEXAMPLE") == 1
+    if not answered:  # the same flow still in flight (a whole answer awaited) is not judged yet
+        flow.error = None
+        _, text, _ = show(flow.request, flow, cv.SIGV4_VIEW_NAME)
+        assert "nothing was sent upstream" not in text
+
+
+def test_sigv4_view_of_a_proxy_error_after_attempts_shows_what_went_upstream(views):
+    """A proxy-made answer after upstream attempts (e.g. every target throttled) did send the request."""
+    flow = refused_flow(True)
+    flow.response.headers["x-bedrock-balancer-target"] = "us-west-2"
+    flow.request.headers["authorization"] = (
+        "AWS4-HMAC-SHA256 Credential=AKIDPROXYEXAMPLE/20250102/us-west-2/bedrock/aws4_request, "
+        "SignedHeaders=content-type;host;x-amz-date, Signature=<redacted>"
+    )
+    _, text, _ = show(flow.request, flow, cv.SIGV4_VIEW_NAME)
+    document = yaml.safe_load(text)
+    assert document["proxy sent"]["access key"] == "AKIDPROXYEXAMPLE"
+    assert document["changes"] == ["region us-east-1 -> us-west-2", "access key AKIDCLIENTEXAMPLE -> AKIDPROXYEXAMPLE"]
+
+
 def test_sigv4_view_on_a_plain_flow_never_shows_the_signature(views):
     flow = tflow.tflow()
     flow.request.headers["authorization"] = CLIENT_AUTH

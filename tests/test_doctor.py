@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -291,6 +292,11 @@ def test_official_suite_requests_are_reproduced(case, tmp_path):
     code, out = run_doctor(str(request), *SUITE_KEYS)
     expected_creq = (case / f"{case.name}.creq").read_text()
     assert code == doctor.EXIT_OK, out
+    # The suite's canonical request, the session token (a few cases sign one) shown as its length only.
+    tokens = re.findall(r"^x-amz-security-token:(.*)$", expected_creq, re.M)
+    for token in tokens:
+        expected_creq = expected_creq.replace(f"x-amz-security-token:{token}", f"x-amz-security-token:<redacted, {len(token)} chars>")
+        assert token not in out
     assert "\n".join("    " + line if line else "" for line in expected_creq.split("\n")) in out
 
 
@@ -361,3 +367,66 @@ def test_redacted_flow_with_the_clients_scope_recorded(tmp_path):
     assert code == doctor.EXIT_USAGE and "problem: redacted:" in out and "MISMATCH" not in out
     assert "the client had signed with AKIDCLIENTEXAMPLE for 20250102/us-east-1/bedrock" in out
     assert "0" * 64 not in out
+
+
+SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKEN999"
+
+
+def token_signed_request(region: str = "us-east-1", host_region: str = "us-east-1") -> tuple[list[tuple[str, str]], bytes]:
+    """Headers and body of a request signed with temporary credentials (so it carries X-Amz-Security-Token)."""
+    body = json.dumps(BODY, separators=(",", ":")).encode()
+    headers = [("host", f"bedrock-runtime.{host_region}.amazonaws.com"), ("content-type", "application/json")]
+    headers += sigv4.sign("POST", WIRE_PATH, "", headers, sigv4.payload_hash(body), region, "bedrock",
+                          sigv4.Credentials(DOCTOR_KEY, DOCTOR_SECRET, SESSION_TOKEN))
+    return headers, body
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["token-not-given", "token-given"])
+def test_session_token_is_never_printed_in_the_canonical_request(tmp_path, given):
+    """README: the doctor never prints a session token, though the canonical request signs it."""
+    headers, body = token_signed_request()
+    raw = tmp_path / "req.http"
+    raw.write_bytes((f"POST {WIRE_PATH} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+                     + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    token = ["--session-token", SESSION_TOKEN] if given else []
+    code, out = run_doctor(str(raw), "--access-key", DOCTOR_KEY, "--secret-key", DOCTOR_SECRET, *token)
+    # The signature is still computed over the real token...
+    assert code == doctor.EXIT_OK and "RESULT: signature reproduced" in out, out
+    # ...but the canonical request shows only that it is there, and how long it is.
+    assert SESSION_TOKEN not in out, out
+    assert f"    x-amz-security-token:<redacted, {len(SESSION_TOKEN)} chars>\n" in out
+
+
+def test_session_token_is_never_printed_in_diffs(tmp_path):
+    """A mismatch shows canonical requests diffed: what the client signed, and the one the server quoted."""
+    from mitmproxy import io as mio
+    from mitmproxy.test import tflow
+
+    # X-Amz-Date re-stamped after signing (the doctor diffs the canonical request the client signed,
+    # the token line next to the date), and the server received the token cut short (its error quotes it).
+    headers, body = token_signed_request()
+    restamped = (dt.datetime.strptime(dict(headers)["x-amz-date"], "%Y%m%dT%H%M%SZ") + dt.timedelta(seconds=42)).strftime("%Y%m%dT%H%M%SZ")
+    headers = [(n, restamped) if n == "x-amz-date" else (n, v) for n, v in headers]
+    ours = doctor.diagnose(doctor.Request("POST", WIRE_PATH, "", headers, body, "test"), None).canonical_request
+    server = ours.replace(SESSION_TOKEN, SESSION_TOKEN[:-4])
+    message = ("The request signature we calculated does not match the signature you provided.\n\n"
+               f"The Canonical String for this request should have been\n'{server}'\n\nThe String-to-Sign should have been\n'x'\n")
+    flow = tflow.tflow(resp=True)
+    flow.request.method, flow.request.path, flow.request.content = "POST", WIRE_PATH, body
+    flow.request.headers.clear()
+    for name, value in headers:
+        flow.request.headers.add(name, value)
+    flow.request.timestamp_start = dt.datetime.now(dt.timezone.utc).timestamp()  # no clock problem in the way
+    flow.response.status_code = 403
+    flow.response.text = json.dumps({"message": message})
+    path = tmp_path / "one.mitm"
+    with path.open("wb") as f:
+        mio.FlowWriter(f).add(flow)
+
+    code, out = run_doctor(str(path), *CREDS)
+    assert code == doctor.EXIT_MISMATCH and "differs: date" in out and "42 s later" in out, out
+    flat = out.replace("    ", "").replace("  ", "")
+    assert f" x-amz-security-token:<redacted, {len(SESSION_TOKEN)} chars>" in flat  # context of the date diff
+    assert f"-x-amz-security-token:<redacted, {len(SESSION_TOKEN)} chars>" in flat  # the server got a shorter token
+    assert f"+x-amz-security-token:<redacted, {len(SESSION_TOKEN) - 4} chars>" in flat
+    assert SESSION_TOKEN[:-4] not in out, out

@@ -10,7 +10,8 @@ styled lines) and on mitmproxy 12+ (``contentviews.Contentview``, one text with 
   instead of failing the view. A summary on top gives the assembled text and the token usage.
 * **Bedrock SigV4** (chosen by hand, for any message of a flow): the SigV4 ``Authorization`` parts
   (credential scope, signed headers, ``x-amz-date``) of what the client sent and of what the proxy
-  sent, and what the rewrite changed. Signatures and session tokens are never shown.
+  sent (nothing, when the proxy answered the request itself), and what the rewrite changed.
+  Signatures and session tokens are never shown.
 
 mitmproxy discards the body of a streamed response, so the balancer streams event streams through
 :func:`bounded_copy`, which passes every chunk on unchanged and keeps the first bytes for the view
@@ -36,6 +37,8 @@ from mitmproxy import contentviews
 
 from . import eventstream
 from .doctor import authorization_parts
+from .errors import PROXY_ERROR_HEADER
+from .relay import TARGET_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -434,13 +437,20 @@ def render_sigv4(flow: Any) -> tuple[str, list[Line]]:
             _sigv4_fields(doc, client, None)
         else:
             doc.comment("  no SigV4 recorded for the client (a bearer token or no Authorization header)")
-        doc.item(0, "proxy sent")
-        if shown is not None:
+        not_sent = _not_sent_upstream(flow, shown, headers, client if isinstance(client, dict) else None)
+        if not_sent is not None:
+            # The request shown is then the client's own (credentials redacted): listing its fields as
+            # "proxy sent", with no changes, would read as if the client's credentials had been forwarded.
+            doc.item(0, "proxy sent", "nothing", STRONG, note="nothing was sent upstream")
+            doc.comment(f"  {not_sent}")
+        elif shown is not None:
+            doc.item(0, "proxy sent")
             proxy = _fields_from_request(shown, headers)
             _sigv4_fields(doc, proxy, client if isinstance(client, dict) else None, request)
             if isinstance(client, dict):
                 _changes(doc, client, proxy)
         else:
+            doc.item(0, "proxy sent")
             doc.comment(f"  no SigV4 Authorization on the request as shown ({_auth_kind(authorization)}):"
                         " the request did not go upstream, or it is still in flight")
     else:
@@ -452,6 +462,35 @@ def render_sigv4(flow: Any) -> tuple[str, list[Line]]:
         else:
             doc.comment("  no Authorization header")
     return "Bedrock SigV4", doc.lines
+
+
+def _not_sent_upstream(flow: Any, shown: dict | None, headers: Any, client: dict | None) -> str | None:
+    """Why the flow shows that its request never went upstream, or None when it went (or may yet).
+
+    The addon leaves the client's request in a flow it sent nowhere, and puts the request as sent
+    upstream in one it sent. The answer says which: a proxy-made error without a target names no
+    attempt. A flow that ended without an answer (the client left, the flow was killed) tells by its
+    request: one still carrying the client's own access key, scope, signed headers and x-amz-date was
+    not re-signed. A flow still in flight tells nothing yet (a whole answer is awaited with the client's
+    request still in the flow).
+    """
+    response = getattr(flow, "response", None)
+    if response is not None:
+        if response.headers.get(PROXY_ERROR_HEADER) and not response.headers.get(TARGET_HEADER):
+            return f"the proxy answered this request itself ({response.status_code}) before any attempt upstream: " \
+                   "the request shown is the client's own"
+        return None
+    if getattr(flow, "error", None) is None:
+        return None
+    if shown is not None and client is not None and _scope_fields(shown, headers.get("x-amz-date")) == _scope_fields_of(client):
+        return "the flow ended without an answer, and the request shown still carries the client's own SigV4 " \
+               "(the proxy did not re-sign it): it is the client's request"
+    return None
+
+
+def _scope_fields_of(summary: dict) -> dict:
+    """A recorded summary (flow metadata, possibly read back from a flow file) in :func:`_scope_fields`' shape."""
+    return {**summary, "signed_headers": list(summary.get("signed_headers") or [])}
 
 
 def _fields_from_request(parts: dict, headers: Any) -> dict:

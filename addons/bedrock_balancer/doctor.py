@@ -18,7 +18,9 @@ not (or the scope / clock is wrong), 2 a usage or input problem: no such flow, n
 ``Authorization``, no credentials, or a signature redacted by bedrock-balancer (flows saved from
 the proxy show the request as the proxy sent it, ``Signature=<redacted>``: nothing to compare).
 
-Secrets are never printed: neither the secret key nor a session token.
+Secrets are never printed: neither the secret key nor a session token. The canonical requests it
+prints (its own, the variants' and the one an AWS error quotes) show a credential header's value as
+its length only; the signatures are computed over the real values.
 
 This module does not import mitmproxy at import time (only to read flow files), so
 :func:`authorization_parts` is cheap to use from the content view.
@@ -49,6 +51,10 @@ DATE_SEARCH_S = 900  # how far x-amz-date is searched when it may have been re-s
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# A canonical request carries the session token (and, if a client signed it, the Authorization header)
+# in clear; these are what :func:`printable` masks: a header line, or the token as a query parameter.
+_CREDENTIAL_HEADER_LINE = re.compile(r"^(?P<key>(?:x-amz-security-token|authorization):)(?P<value>.*)$", re.IGNORECASE | re.MULTILINE)
+_CREDENTIAL_QUERY_PARAMETER = re.compile(r"(?P<key>X-Amz-Security-Token=)(?P<value>[^&\n]*)", re.IGNORECASE)
 _BEDROCK_HOST = re.compile(
     r"^(?:vpce-[^.]+\.)?bedrock-runtime(?:-fips)?\.(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.", re.IGNORECASE
 )
@@ -698,13 +704,32 @@ def load_credentials(args: argparse.Namespace) -> Credentials | None:
 # Report
 
 
+def printable(canonical_request: str) -> str:
+    """A canonical request fit to print: a session token's (or a signed Authorization's) value replaced
+    by its length, which still tells a token cut short from a whole one.
+
+    relay.redacted masks header lists; the doctor prints canonical requests, including the one an AWS
+    error quotes, so it masks their text. A value a proxy already redacted (``<redacted>``) is kept as
+    it is: it is no secret, and it explains why the signature cannot be rebuilt.
+    """
+
+    def mask(match: re.Match) -> str:
+        value = match.group("value")
+        if value.strip() in ("", "<redacted>"):
+            return match.group(0)
+        return f"{match.group('key')}<redacted, {len(value)} chars>"
+
+    return _CREDENTIAL_QUERY_PARAMETER.sub(mask, _CREDENTIAL_HEADER_LINE.sub(mask, canonical_request))
+
+
 def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line if line else prefix.rstrip() for line in text.split("\n"))
 
 
 def _diff(a: str, b: str, a_name: str, b_name: str) -> str:
-    lines = difflib.unified_diff(a.split("\n"), b.split("\n"), a_name, b_name, lineterm="", n=1)
-    return "\n".join(lines)
+    """Two canonical requests (or strings to sign) diffed, credentials masked on both sides."""
+    lines = difflib.unified_diff(printable(a).split("\n"), printable(b).split("\n"), a_name, b_name, lineterm="", n=1)
+    return "\n".join(lines) or "(they differ only in the value of a session token or Authorization header, which is not shown)"
 
 
 def report(d: Diagnosis, creds: Credentials | None, out) -> None:
@@ -723,7 +748,7 @@ def report(d: Diagnosis, creds: Credentials | None, out) -> None:
         w(f"  response         {req.response_status}")
     w()
     w("canonical request:")
-    w(_indent(d.canonical_request))
+    w(_indent(printable(d.canonical_request)))
     w()
     w("string to sign:")
     w(_indent(d.string_to_sign))

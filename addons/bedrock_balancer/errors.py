@@ -11,6 +11,9 @@ import json
 import uuid
 from dataclasses import dataclass
 
+# On every answer the proxy makes itself, so that an operator (and the SigV4 view) can tell it from AWS's.
+PROXY_ERROR_HEADER = "x-bedrock-balancer-error"
+
 # Shape name -> HTTP status, as in the Bedrock Runtime service model.
 STATUS_BY_ERROR_TYPE = {
     "ValidationException": 400,
@@ -56,7 +59,7 @@ class BedrockError(Exception):
             "Content-Type": "application/json",
             "x-amzn-ErrorType": self.error_type,
             "x-amzn-RequestId": str(uuid.uuid4()),
-            "x-bedrock-balancer-error": "true",
+            PROXY_ERROR_HEADER: "true",
         }
         return self.status, headers, body
 
