@@ -947,9 +947,12 @@ def test_a_running_proxy_takes_new_clients_but_refuses_new_targets(emu, authed_p
     assert served["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"] == "us-east-1"
 
     write_config(Path(path), {**config, "clients": [c for c in config["clients"] if c["access_key_id"] != VIRTUAL_KEY]})
-    run_in_proxy(proxy, lambda: proxy.master.options.update(bedrock_config=path))
+    new_log = tmp_path / "new-access.jsonl"
+    run_in_proxy(proxy, lambda: proxy.master.options.update(bedrock_config=path, bedrock_access_log=str(new_log)))
     with pytest.raises(ClientError) as raised:
         boto(proxy).converse(modelId=CLAUDE, messages=MESSAGES)
 
     assert error_of(raised)[1] == "UnrecognizedClientException"  # team A's key is gone
     assert [r.region for r in emu.requests] == ["us-east-1"]
+    run_in_proxy(proxy, lambda: proxy.balancer.access_log.flush())
+    assert json.loads(new_log.read_text())["error"].startswith("UnrecognizedClientException")  # the same update's other option

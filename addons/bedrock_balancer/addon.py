@@ -153,21 +153,22 @@ class BedrockBalancer:
     def configure(self, updated: set[str]) -> None:
         if "bedrock_state" in updated and (problem := state_module.validate_state_url(ctx.options.bedrock_state)):
             raise exceptions.OptionsError(problem)
+        targets_changed = False
         if {"bedrock_config", "bedrock_regions"} & updated:
             config = self._load_config()
             # Checked before anything changes: a refused update must leave the running proxy as it was.
             if self._running and (problem := self._exposure_problem(config) or self._change_problem(config)):
                 raise exceptions.OptionsError(problem)
-            if self.relay is not None:  # only the clients changed (_change_problem): the targets are served as they are
-                self.config = config
-                self._configure_client_auth()
-                return
+            # Once the relay serves, only who the clients are may change (_change_problem): the router, the state
+            # (cooldowns, budgets) and the relay stay as they are.
+            targets_changed = self.relay is None
             self.config = config
-            self.router = Router(self.config) if self.config else None
-            self.metrics = admin.Metrics(self.router) if self.router else None
-            if self._running and self.config is not None:  # started without targets: serve these from now on
+            if targets_changed:
+                self.router = Router(self.config) if self.config else None
+                self.metrics = admin.Metrics(self.router) if self.router else None
+            if targets_changed and self._running and self.config is not None:  # started without targets: serve these
                 asyncio.get_running_loop().create_task(self._start_serving())
-        if {"bedrock_config", "bedrock_regions", "bedrock_state"} & updated:
+        if targets_changed or "bedrock_state" in updated:
             self._configure_state()
             if self.config:
                 log.info("bedrock-balancer: %s over %s", self.config.strategy, ", ".join(f"{t} -> {t.endpoint_url}" for t in self.config.targets))
