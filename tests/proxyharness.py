@@ -99,7 +99,7 @@ def start_proxy(tmp_path: Path, config: dict, emulator, mode: str = "regular", e
     from mitmproxy.tools.dump import DumpMaster
 
     from bedrock_balancer.addon import BedrockBalancer
-    from bedrock_balancer.cli import run_where_scripts_run
+    from bedrock_balancer.cli import run_before_save
 
     confdir = tmp_path / "proxy-confdir"
     confdir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def start_proxy(tmp_path: Path, config: dict, emulator, mode: str = "regular", e
     async def main() -> None:
         master = DumpMaster(Options(), with_termlog=False, with_dumper=False)
         master.addons.add(BedrockBalancer())
-        run_where_scripts_run(master.addons, 1)  # as the console script and -s place it: before save (-w)
+        run_before_save(master.addons, 1)  # as the console script places it: before save (-w), after request editors
         master.addons.add(ready)
         master.options.update(**{
             "listen_host": "127.0.0.1", "listen_port": 0, "mode": [mode], "confdir": str(confdir),

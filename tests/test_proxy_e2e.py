@@ -152,6 +152,20 @@ def test_streamed_answers_carry_the_upstreams_headers_not_the_relays(emu, proxy_
     assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
 
 
+def test_mitmproxys_request_editors_run_before_the_balancer_sends_the_request(emu, proxy_factory, client_via_proxy):
+    # modify_body (like map_remote and map_local) must edit a request before the balancer sends it on; the
+    # balancer runs just ahead of mitmproxy's save, not where -s scripts run, for that.
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-west-2"])}, modify_body=["/~q/MARKERXYZ/edited-by-modify-body"])
+    client = client_via_proxy(proxy)
+    marked = [{"role": "user", "content": [{"text": "MARKERXYZ"}]}]
+
+    client.converse(modelId=CLAUDE, messages=marked)
+    list(client.converse_stream(modelId=CLAUDE, messages=marked)["stream"])
+
+    assert [(b"edited-by-modify-body" in r.body, b"MARKERXYZ" in r.body) for r in emu.requests] == [(True, False)] * 2
+    assert all(r.auth_ok for r in emu.requests)  # signed as edited
+
+
 def test_a_streaming_request_of_several_megabytes_streams(emu, proxy_factory, client_via_proxy):
     # An image or a document makes a body of several MB; streams pass through the relay's loopback server.
     client = client_via_proxy(proxy_factory({"targets": targets_for(emu, ["us-west-2"])}))

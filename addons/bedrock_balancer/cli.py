@@ -50,18 +50,19 @@ def default_args(args: list[str]) -> list[str]:
     return defaults
 
 
-def run_where_scripts_run(addons, count: int) -> None:
-    """Move the last ``count`` addons of the chain to where ``-s`` puts a script: after mitmproxy's script loader,
-    before ``save`` (``-w``) and the other built-ins that write or show a flow as its hooks end. Hooks run in
-    chain order, so only there does a flow saved when a stream fails carry what the balancer's ``error`` hook
-    sets (the stream copy, the comment), as it does under ``mitmweb -s addons/balancer.py``."""
-    from mitmproxy.addons.script import ScriptLoader
+def run_before_save(addons, count: int) -> None:
+    """Move the last ``count`` addons of the chain to just before mitmproxy's ``save`` (``-w``), whose hooks write a
+    flow as they end. Hooks run in chain order: only there does a flow saved when a stream fails carry what the
+    balancer's ``error`` hook sets (the stream copy, the comment). The built-ins that edit requests (map_remote,
+    map_local, modify_body, modify_headers, server replay) still run before the balancer, which sends the request
+    as they leave it."""
+    from mitmproxy.addons.save import Save
 
     chain = addons.chain
     ours = chain[-count:]
     del chain[-count:]
-    after = next(i for i, addon in enumerate(chain) if isinstance(addon, ScriptLoader)) + 1
-    chain[after:after] = ours
+    at = next(i for i, addon in enumerate(chain) if isinstance(addon, Save))
+    chain[at:at] = ours
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         def __init__(self, options, **kwargs):
             super().__init__(options, **kwargs)
             self.addons.add(BedrockBalancer(), BedrockViews())
-            run_where_scripts_run(self.addons, 2)
+            run_before_save(self.addons, 2)
 
     def extra(parsed):  # what mitmdump itself does with a trailing flow filter
         if getattr(parsed, "filter_args", None):
