@@ -235,7 +235,7 @@ def test_when_every_region_throttles_a_stream_the_client_gets_the_throttling_exc
 ):
     # Each region begins the stream (200), then sends a throttlingException event: no region has an answer, and
     # the client gets the last one as it was, so the SDK raises what it would raise without the proxy.
-    proxy = proxy_factory(two_regions(emu))
+    proxy = proxy_factory(two_regions(emu), bedrock_admin="127.0.0.1:0")  # metrics are kept for the admin listener
     client = client_via_proxy(proxy)
     emu.set_mode("us-east-1", "stream_first_exception")
     emu.set_mode("us-west-2", "stream_first_exception")
@@ -254,6 +254,8 @@ def test_when_every_region_throttles_a_stream_the_client_gets_the_throttling_exc
     (record,) = proxy.wait_for_records(1)
     assert record["status"] == 200 and record["stream"] == "exception:throttlingException"
     assert record["error"].startswith(f"gave up after {FAST_RETRY['max_attempts']} attempts")
+    operation = "ConverseStream" if operation == "converse_stream" else "InvokeModelWithResponseStream"
+    assert proxy.balancer.metrics.client_throttles.labels(operation)._value.get() == 1  # a throttle the client saw
 
 
 def test_failed_over_stream_delivers_events_while_the_healthy_target_produces_them(emu, proxy_factory, client_via_proxy):

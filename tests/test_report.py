@@ -109,6 +109,19 @@ def test_report_table_and_chart_from_a_real_access_log(throttled_run, tmp_path):
     assert all_row.split()[1:6] == [str(rows["all"][c]) for c in ("requests", "errors", "429 client", "attempts", "429 absorbed")]
 
 
+def test_a_stream_every_region_throttled_counts_as_a_throttle_the_client_saw(tmp_path):
+    # Its head was a 200, but the client got the last region's throttlingException event: a throttle the client
+    # saw, and none of its 429 attempts was absorbed by failover.
+    log = tmp_path / "access.jsonl"
+    throttled = [{"target": t, "region": t, "status": 429, "ms": 3, "error": "stream throttlingException"} for t in ("us-east-1", "us-west-2")]
+    log.write_text(json.dumps({"ts": 1700000000.0, "region": "us-west-2", "status": 200, "latency_ms": 9.0, "attempts": throttled,
+                               "stream": "exception:throttlingException", "error": "gave up after 2 attempts"}) + "\n")
+
+    rows = {r["region"]: r for r in json.loads(run_report(str(log), "--json", "--no-png").stdout)["rows"]}
+
+    assert (rows["all"]["429 client"], rows["all"]["429 absorbed"], rows["all"]["errors"]) == (1, 0, 1)
+
+
 def test_report_defaults_and_bad_input(tmp_path):
     log = tmp_path / "access.jsonl"
     log.write_text(

@@ -23,6 +23,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .quota import target_budgets
 from .routing import Router
 
+# An access record's "stream" when the client got a stream that ended in a throttling event (every region throttled it).
+THROTTLED_STREAM = "exception:throttlingException"
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 MAX_MODEL_LABELS = 100  # model ids come from clients: bound the label set
 
@@ -39,7 +42,8 @@ class Metrics:
         self.attempts = Counter("bedrock_balancer_attempts", "Upstream attempts", ["target", "region", "status"], registry=r)
         self.failovers = Counter("bedrock_balancer_failovers", "Requests that needed more than one attempt", ["operation"], registry=r)
         self.client_throttles = Counter(
-            "bedrock_balancer_client_throttles", "Requests answered to the client with a 429", ["operation"], registry=r
+            "bedrock_balancer_client_throttles",
+            "Requests whose client got a throttle: a 429, or a stream that ended in a throttlingException event", ["operation"], registry=r
         )
         self.truncated_streams = Counter(
             "bedrock_balancer_truncated_streams", "Streams that broke after content reached the client", ["target"], registry=r
@@ -67,7 +71,7 @@ class Metrics:
             self.upstream_latency.labels(attempt["target"]).observe(attempt["ms"] / 1000)
         if len(record.get("attempts", [])) > 1:
             self.failovers.labels(operation).inc()
-        if record.get("status") == 429:
+        if record.get("status") == 429 or record.get("stream") == THROTTLED_STREAM:
             self.client_throttles.labels(operation).inc()
         if record.get("stream") == "truncated":
             self.truncated_streams.labels(target).inc()
