@@ -42,6 +42,7 @@ from proxyharness import (
     run_in_proxy,
     signed_request,
     targets_for,
+    wait_for,
     write_config,
 )
 
@@ -917,6 +918,23 @@ def test_without_targets_a_bedrock_request_is_answered_by_the_proxy_never_forwar
     assert error_of(raised) == (503, "ServiceUnavailableException")
     assert "no targets configured" in raised.value.response["Error"]["Message"]
     assert emu.requests == []
+
+
+def test_a_proxy_started_without_targets_serves_them_once_they_are_set(emu, proxy_factory, tmp_path):
+    # mitmweb -s addons/balancer.py, then bedrock_config set in its options editor.
+    proxy = proxy_factory({"targets": targets_for(emu, ["us-east-1"])}, mode=f"reverse:{emu.endpoint_url('us-east-1')}", bedrock_config="")
+    config = write_config(tmp_path / "late.yaml", {"targets": targets_for(emu, ["us-west-2"])})
+
+    run_in_proxy(proxy, lambda: proxy.master.options.update(bedrock_config=str(config)))
+    wait_for(lambda: proxy.balancer.relay is not None and proxy.balancer.relay.address, 10, "the relay")
+    client = boto3.client("bedrock-runtime", region_name="us-east-1", endpoint_url=proxy.url, aws_access_key_id=CLIENT_KEY,
+                          aws_secret_access_key=CLIENT_SECRET, config=BotoConfig(retries={"total_max_attempts": 1}))
+    answer = client.converse(modelId=CLAUDE, messages=MESSAGES)
+    events = list(client.converse_stream(modelId=CLAUDE, messages=MESSAGES)["stream"])
+
+    assert answer["ResponseMetadata"]["HTTPHeaders"]["x-bedrock-balancer-region"] == "us-west-2"
+    assert "metadata" in events[-1]
+    assert [(r.region, r.access_key_id) for r in emu.requests] == [("us-west-2", PROXY_KEY)] * 2
 
 
 def test_the_admin_listener_on_a_port_the_system_picks_is_unreachable_through_the_proxy(emu, proxy_factory):

@@ -97,6 +97,7 @@ class BedrockBalancer:
         self._running = False
         self._body_backstop: str | None = None
         self._client_watch: asyncio.Task | None = None
+        self._serving: asyncio.Task | None = None  # start-up of the relay for targets first given at run time
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -161,13 +162,14 @@ class BedrockBalancer:
                 raise exceptions.OptionsError(problem)
             # Once the relay serves, only who the clients are may change (_change_problem): the router, the state
             # (cooldowns, budgets) and the relay stay as they are.
-            targets_changed = self.relay is None
+            targets_changed = self.relay is None and self._serving is None
             self.config = config
             if targets_changed:
                 self.router = Router(self.config) if self.config else None
                 self.metrics = admin.Metrics(self.router) if self.router else None
             if targets_changed and self._running and self.config is not None:  # started without targets: serve these
-                asyncio.get_running_loop().create_task(self._start_serving())
+                self._serving = asyncio.get_running_loop().create_task(self._start_serving())
+                self._serving.add_done_callback(_log_failure)
         if targets_changed or "bedrock_state" in updated:
             self._configure_state()
             if self.config:
@@ -204,7 +206,8 @@ class BedrockBalancer:
     def _change_problem(self, config: config_module.Config | None) -> str | None:
         """Why a running proxy cannot take ``config``, or None. The relay, its connections and credentials are
         built for the targets the proxy started with; a new config may change who its clients are, nothing else."""
-        if self.relay is None or (config is not None and _without_clients(config) == _without_clients(self.config)):
+        serving = self.relay is not None or self._serving is not None
+        if not serving or (config is not None and _without_clients(config) == _without_clients(self.config)):
             return None
         return (
             "bedrock-balancer: the targets, strategy, retry and timeouts are read when the proxy starts: restart it "
@@ -826,6 +829,11 @@ def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | 
     if error:
         record["error"] = _safe(error)
     return record
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("bedrock-balancer: could not start serving the new targets", exc_info=task.exception())
 
 
 def _without_clients(config: config_module.Config) -> config_module.Config:
