@@ -258,6 +258,25 @@ def test_when_every_region_throttles_a_stream_the_client_gets_the_throttling_exc
     assert proxy.balancer.metrics.client_throttles.labels(operation)._value.get() == 1  # a throttle the client saw
 
 
+def test_when_no_region_answers_the_client_gets_the_last_answer_not_a_later_stall(emu, proxy_factory, client_via_proxy):
+    # us-east-1 throttles, us-west-2 begins streams and then stalls: whichever region is tried last, the client
+    # gets the throttle (an answer), as it would from us-east-1 alone, not the proxy's 503 for a stall.
+    from botocore.exceptions import ClientError
+
+    proxy = proxy_factory(two_regions(emu, retry={**FAST_RETRY, "max_attempts": 2, "stall_timeout_s": 0.3}))
+    client = client_via_proxy(proxy)
+    emu.set_mode("us-east-1", "throttle")
+    emu.set_mode("us-west-2", "stream_stall")
+
+    with pytest.raises(ClientError) as raised:
+        client.converse_stream(modelId=CLAUDE, messages=MESSAGES)
+
+    assert raised.value.response["Error"]["Code"] == "ThrottlingException"
+    (record,) = proxy.wait_for_records(1)
+    assert [a["region"] for a in record["attempts"]] == ["us-east-1", "us-west-2"]  # the stall came last
+    assert record["status"] == 429
+
+
 def test_failed_over_stream_delivers_events_while_the_healthy_target_produces_them(emu, proxy_factory, client_via_proxy):
     proxy = proxy_factory(two_regions(emu))
     client = client_via_proxy(proxy)

@@ -342,19 +342,21 @@ class Relay:
         """
         retry = self.config.retry
         deadline = exchange.started + retry.deadline_s
-        failure: Failure | None = None
+        failure: Failure | None = None  # what the client gets if no target answers: the last answer, if any
+        last: Failure | None = None
         for _ in range(retry.max_attempts):
             try:
                 # After a lasting failure another target may serve the request now; waiting for that one helps no one.
-                chosen = await self._choose(exchange, deadline, wait=not (failure and failure.lasting))
+                chosen = await self._choose(exchange, deadline, wait=not (last and last.lasting))
             except BedrockError as e:
                 return self._proxy_error(exchange, e)
             if chosen is None:  # waited for a target until the deadline, or the client left meanwhile
                 break
-            outcome = await self._attempt(exchange, *chosen, loopback)
+            last = outcome = await self._attempt(exchange, *chosen, loopback)
             if not isinstance(outcome, Failure):
                 return outcome
-            failure = outcome
+            if failure is None or outcome.status is not None or failure.status is None:
+                failure = outcome  # a later stall or connection failure is no answer: it does not replace one
             if exchange.client_gone():  # nobody is waiting for another region's answer (nor paying for it)
                 break
         answer = self._give_up(exchange, failure)
