@@ -325,6 +325,22 @@ def test_per_client_tpm_limit_counts_the_request_as_bedrock_reserves_it(emu, aut
     assert len(emu.requests) == 2
 
 
+def test_a_request_no_region_answered_costs_its_client_no_tokens(emu, authed_proxy, boto):
+    # Every region throttles it: the model produced nothing, and AWS bills nothing. What it reserved in the
+    # client's own budget is given back, or an outage would use up the client's limit for requests that failed.
+    config = auth_config(emu, retry={"max_attempts": 2, "cooldown_base_s": 0.05, "cooldown_max_s": 0.1})
+    config["clients"][0]["tpm"] = 1500
+    client = boto(authed_proxy(config))
+    emu.set_mode("us-east-1", "throttle", count=1)
+    emu.set_mode("us-west-2", "throttle", count=1)
+
+    with pytest.raises(client.exceptions.ThrottlingException, match="(?i)too many"):  # the regions' own 429
+        client.converse(modelId=CLAUDE, messages=MESSAGES, inferenceConfig={"maxTokens": 1000})
+    client.converse(modelId=CLAUDE, messages=MESSAGES, inferenceConfig={"maxTokens": 1000})  # within the limit
+
+    assert [r.status for r in emu.requests] == [429, 429, 200]
+
+
 # -- other real clients: the AWS CLI and curl --aws-sigv4 ---------------------------------------------
 
 

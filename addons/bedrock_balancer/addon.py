@@ -798,8 +798,10 @@ class BedrockBalancer:
             return
         reservation, reserved = state.reservation
         exchange = state.exchange
-        never_sent = exchange is None or not exchange.attempts
-        self.client_limits.settle(reservation, 0 if never_sent else exchange.usage.total(unknown=reserved))
+        # Only an attempt that answered (status < 400; one whose stream failed before content shows its exception's
+        # status) used tokens: a request no region answered costs nothing, as AWS bills nothing for it.
+        answered = exchange is not None and any(a.status is not None and a.status < 400 for a in exchange.attempts)
+        self.client_limits.settle(reservation, exchange.usage.total(unknown=reserved) if answered else 0)
 
 
 def access_record(flow: http.HTTPFlow, exchange: Exchange | None, status: int | None, latency_ms: float, error: str | None) -> dict:
