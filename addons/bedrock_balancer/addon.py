@@ -802,9 +802,8 @@ class BedrockBalancer:
             return
         reservation, reserved = state.reservation
         exchange = state.exchange
-        # Only an attempt that answered (status < 400; one whose stream failed before content shows its exception's
-        # status) used tokens: a request no region answered costs nothing, as AWS bills nothing for it.
-        answered = exchange is not None and any(a.status is not None and a.status < 400 for a in exchange.attempts)
+        # As the targets' budgets are settled: a request no region answered (every one throttled it, say) used nothing.
+        answered = exchange is not None and exchange.answered
         self.client_limits.settle(reservation, exchange.usage.total(unknown=reserved) if answered else 0)
 
 

@@ -140,6 +140,7 @@ class Exchange:
     status: int | None = None
     error: str | None = None  # set when the proxy, not the upstream, produced the answer
     usage: usage.Usage = field(default_factory=usage.Usage)
+    answered: bool = False  # an upstream answered it: its usage, as far as known, is what budgets keep; else none
     stream_outcome: str | None = None  # "complete", "exception:<type>", "truncated" or "client-gone" for event streams
     first_event_ms: float | None = None  # streams: from the request to the first content event
     waited_s: float = 0.0  # time spent waiting for a target to recover or for room in its budgets
@@ -419,7 +420,6 @@ class Relay:
         self.router.started(target)
         upstream: aiohttp.ClientResponse | None = None
         verdict = False  # whether the cooldowns learnt anything from this attempt
-        answered = False  # whether the upstream answered (its usage, as far as known, is what the budgets keep)
         try:
             credentials = await self.credentials.get(target)
             path = upstream_path(exchange, choice)
@@ -456,13 +456,13 @@ class Relay:
                     return failure
                 await self._succeeded(exchange, lease, attempt, started)
                 exchange.first_event_ms = _ms_since(exchange.started)
-                answered = True
+                exchange.answered = True
                 return await self._stream(exchange, lease, upstream, loopback, head, meter)
             body = await upstream.read()
             verdict = True
             await self._succeeded(exchange, lease, attempt, started)
             exchange.usage = usage.from_response(upstream.headers.get, body)
-            answered = True
+            exchange.answered = True
             return Answer(upstream.status, self._response_headers(exchange, upstream), body)
         except CredentialsUnavailable:
             # The proxy's log has the details (profile, role, botocore's error); the client needs none of them.
@@ -489,7 +489,7 @@ class Relay:
                 await self.state.release_probe(lease)
             # Settling twice is a no-op: a failed attempt's cooldown may already have released its reservation.
             # One that never got an answer used no tokens (the request still counts).
-            await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens) if answered else 0)
+            await self.state.settle(lease, exchange.usage.total(unknown=exchange.tokens) if exchange.answered else 0)
             if upstream is not None:
                 upstream.release()
 
