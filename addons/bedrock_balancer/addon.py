@@ -162,7 +162,7 @@ class BedrockBalancer:
                 raise exceptions.OptionsError(problem)
             # Once the relay serves, only who the clients are may change (_change_problem): the router, the state
             # (cooldowns, budgets) and the relay stay as they are.
-            targets_changed = self.relay is None and not self._starting_to_serve()
+            targets_changed = not self._serving_targets()
             self.config = config
             if targets_changed:
                 self.router = Router(self.config) if self.config else None
@@ -203,15 +203,15 @@ class BedrockBalancer:
             # client's original host first (in production that is a wasted TLS handshake with AWS).
             ctx.options.update(connection_strategy="lazy")
 
-    def _starting_to_serve(self) -> bool:
-        """Whether the relay for targets first given at run time is being started (a failed start may be retried)."""
-        return self._serving is not None and not self._serving.done()
+    def _serving_targets(self) -> bool:
+        """Whether the relay serves the targets, or is being started for targets first given at run time (a
+        start that failed may be retried)."""
+        return self.relay is not None or (self._serving is not None and not self._serving.done())
 
     def _change_problem(self, config: config_module.Config | None) -> str | None:
         """Why a running proxy cannot take ``config``, or None. The relay, its connections and credentials are
         built for the targets the proxy started with; a new config may change who its clients are, nothing else."""
-        serving = self.relay is not None or self._starting_to_serve()
-        if not serving or (config is not None and _without_clients(config) == _without_clients(self.config)):
+        if not self._serving_targets() or (config is not None and _without_clients(config) == _without_clients(self.config)):
             return None
         return (
             "bedrock-balancer: the targets, strategy, retry and timeouts are read when the proxy starts: restart it "
